@@ -1,0 +1,553 @@
+"""
+Data for every stage: the system prompt and chat rendering, readers for the released formats, collation, and the synthetic
+visual-reasoning world (images, questions, supervision, tokenizer, processor) that the whole pipeline runs on by default.
+
+    python data.py --out data/shapes --seed 0          # writes sft.jsonl, align.parquet, rl.parquet, eval.parquet,
+                                                        # eval_hard.parquet, warmup.jsonl, images/, processor/
+
+Formats read (PRISM_NOTES.md "Data formats"): sharegpt multimodal JSON/JSONL (`messages` role/content or `conversations`
+from/value, `<image>` markers, `images` paths); parquet (or JSONL) with `prompt`, `images`, `reward_model.ground_truth`,
+`extra_info.equivalent_answers`, `teacher_caption`, `teacher_cot`; warm-up pairs JSONL. Image paths may be absolute or relative
+to the data file. Every bad record raises DataError naming the file and record, or is skipped and counted with skip_bad.
+"""
+
+import argparse
+import io
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image, ImageDraw
+
+SYSTEM_PROMPT = (
+    "You are a careful scientific assistant. Look at the image and answer the question. Reply in exactly three blocks: "
+    "<caption> bullet points that describe the image: its style, the key objects with their positions, any text </caption> "
+    "<think> your reasoning, one step per line </think> <answer> the final answer only </answer>"
+)
+IMAGE_MARKER = "<image>"
+
+# Qwen-style chat template: <|im_start|>role\n content <|im_end|>\n, an image is <|vision_start|><|image_pad|><|vision_end|>
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+# Qwen3-VL's special tokens, so that the processor and the model configs find the ids they expect by name
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+                  "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+class DataError(ValueError):
+    """A bad record: the message names the file and the record."""
+
+
+@dataclass
+class Example:
+    """One record of any reader. `question` holds the user text with one "<image>" marker per image."""
+    question: str
+    images: list  # image refs: absolute paths, or {"bytes": ..., "path": ...} dicts
+    where: str  # "file:record" for error messages
+    system: str = SYSTEM_PROMPT
+    response: str | None = None  # SFT target
+    answer: str | None = None  # verifiable gold answer
+    equivalents: tuple = ()
+    teacher_caption: str | None = None
+    teacher_cot: str | None = None
+    student_caption: str | None = None
+    student_cot: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# -----------------------------------------------------------------------------
+# images and chat rendering
+
+def load_image(ref, where, max_pixels):
+    """Decode an image ref to RGB, downscaled (aspect kept) so that width * height <= max_pixels."""
+    try:
+        if isinstance(ref, dict) and ref.get("bytes"):
+            img = Image.open(io.BytesIO(ref["bytes"]))
+        else:
+            path = ref["path"] if isinstance(ref, dict) else ref
+            if not os.path.isfile(path):
+                raise DataError(f"{where}: image not found: {path}")
+            if os.path.getsize(path) == 0:
+                raise DataError(f"{where}: image file is empty: {path}")
+            img = Image.open(path)
+        img = img.convert("RGB")
+    except DataError:
+        raise
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, DecompressionBombError, OSError, ...)
+        raise DataError(f"{where}: cannot decode image: {type(e).__name__}: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        s = (max_pixels / (w * h)) ** 0.5
+        img = img.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
+    return img
+
+
+def user_content(question, n_images, where):
+    """Chat content list for a user turn: the text split at "<image>" markers (images first if there is no marker)."""
+    if IMAGE_MARKER not in question:
+        question = IMAGE_MARKER * n_images + question
+    pieces = question.split(IMAGE_MARKER)
+    if len(pieces) - 1 != n_images:
+        raise DataError(f"{where}: the prompt has {len(pieces) - 1} <image> markers but the record has {n_images} images")
+    content = []
+    for i, text in enumerate(pieces):
+        if i > 0:
+            content.append({"type": "image"})
+        if text:
+            content.append({"type": "text", "text": text})
+    return content
+
+
+def render_chat(processor, ex, response=None, max_pixels=560 * 560, with_images=True):
+    """Tokenise one chat: system, user (images + question), and optionally the assistant turn `response`.
+    Returns a dict of 1-D tensors input_ids, labels, mm_token_type_ids (L,) and pixel_values (P, D), image_grid_thw (n, 3).
+    labels are -100 except on the response tokens and its end-of-turn token. Without a response the text ends with the
+    assistant header (a generation prompt). with_images=False renders the same chat with no image at all (text-only ablation)."""
+    images = [load_image(r, ex.where, max_pixels) for r in ex.images] if with_images else []
+    question = ex.question if with_images else ex.question.replace(IMAGE_MARKER, "")
+    messages = [{"role": "system", "content": ex.system}] if ex.system else []
+    messages.append({"role": "user", "content": user_content(question, len(images), ex.where)})
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=images or None, return_tensors="pt")
+    ids = enc["input_ids"][0]
+    mm = enc["mm_token_type_ids"][0] if "mm_token_type_ids" in enc else torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    if response is not None:
+        # the response is tokenised on its own, exactly as a rollout's tokens follow the prompt, then the end-of-turn token
+        tok = processor.tokenizer
+        rids = torch.tensor(tok(response, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")])
+        ids, labels = torch.cat([ids, rids]), torch.cat([labels, rids])
+        mm = torch.cat([mm, torch.zeros_like(rids)])
+    out = {"input_ids": ids, "labels": labels, "mm_token_type_ids": mm}
+    if images:
+        out["pixel_values"], out["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
+    return out
+
+
+def collate(items, pad_id):
+    """Right-pad a list of render_chat dicts into a batch: input_ids, attention_mask, labels, mm_token_type_ids (B, T);
+    pixel_values (sum P, D) and image_grid_thw (n_images, 3) concatenated in batch order (absent when no item has images)."""
+    B, T = len(items), max(len(it["input_ids"]) for it in items)
+    batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long), "attention_mask": torch.zeros(B, T, dtype=torch.long),
+             "labels": torch.full((B, T), -100, dtype=torch.long), "mm_token_type_ids": torch.zeros(B, T, dtype=torch.long)}
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        batch["input_ids"][i, :n] = it["input_ids"]
+        batch["attention_mask"][i, :n] = 1
+        batch["labels"][i, :n] = it["labels"]
+        batch["mm_token_type_ids"][i, :n] = it["mm_token_type_ids"]
+    with_img = [it for it in items if "pixel_values" in it]
+    if with_img:
+        batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_img])
+        batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_img])
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# readers
+
+def iter_records(path):
+    """(record number, dict) for .jsonl, .json (a list) and .parquet files; DataError on anything malformed."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:
+            raise DataError(f"{path}: cannot read parquet: {e}") from None
+        yield from enumerate(rows)
+    elif path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: not valid UTF-8 JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: a .json file must hold a list of records")
+        yield from enumerate(rows)
+    else:
+        with open(path, "rb") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    yield i, json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    yield i, DataError(f"{path}:{i}: malformed JSON line ({type(e).__name__}: {e})")
+
+
+def resolve_image(ref, base, where):
+    """An image ref as written in a data file -> an absolute path or a {bytes, path} dict."""
+    if isinstance(ref, str) and ref:
+        return ref if os.path.isabs(ref) else os.path.join(base, ref)
+    if isinstance(ref, dict) and (ref.get("bytes") or ref.get("path")):
+        if ref.get("bytes"):
+            return {"bytes": ref["bytes"], "path": ref.get("path")}
+        return resolve_image(ref["path"], base, where)
+    raise DataError(f"{where}: bad image entry {str(ref)[:80]!r} (want a path or a dict with bytes and/or path)")
+
+
+def need_str(rec, key, where, allow_empty=False):
+    v = rec.get(key) if isinstance(rec, dict) else None
+    if not isinstance(v, str) or (not allow_empty and not v.strip()):
+        raise DataError(f"{where}: field '{key}' must be a non-empty string, got {type(v).__name__}")
+    return v
+
+
+def parse_sharegpt(rec, base, where):
+    msgs = rec.get("messages")
+    if msgs is None and isinstance(rec.get("conversations"), list):  # original sharegpt: from/value, human/gpt
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+        msgs = [{"role": role.get(m.get("from"), m.get("from")), "content": m.get("value")} for m in rec["conversations"]
+                if isinstance(m, dict)]
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+        raise DataError(f"{where}: missing 'messages' (a list of {{role, content}})")
+    system = SYSTEM_PROMPT
+    if msgs and msgs[0].get("role") == "system":
+        system, msgs = need_str(msgs[0], "content", where), msgs[1:]
+    if [m.get("role") for m in msgs] != ["user", "assistant"]:
+        raise DataError(f"{where}: want one user turn then one assistant turn, got roles {[m.get('role') for m in msgs]}")
+    images = rec.get("images") or []
+    if not isinstance(images, list):
+        raise DataError(f"{where}: 'images' must be a list")
+    return Example(question=need_str(msgs[0], "content", where), images=[resolve_image(r, base, where) for r in images],
+                   where=where, system=system, response=need_str(msgs[1], "content", where))
+
+
+def parse_prompt(rec, base, where):
+    """The RL/alignment format: prompt (chat list), images, reward_model.ground_truth, extra_info, teacher_* columns."""
+    prompt = rec.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+        raise DataError(f"{where}: missing 'prompt' (a list of chat messages)")
+    system = next((need_str(m, "content", where) for m in prompt if m.get("role") == "system"), SYSTEM_PROMPT)
+    users = [m for m in prompt if m.get("role") == "user"]
+    if len(users) != 1:
+        raise DataError(f"{where}: 'prompt' must hold exactly one user message, found {len(users)}")
+    rm = rec.get("reward_model")
+    if not isinstance(rm, dict) or "ground_truth" not in rm:
+        raise DataError(f"{where}: missing 'reward_model.ground_truth'")
+    answer = rm["ground_truth"]
+    if not isinstance(answer, str):
+        raise DataError(f"{where}: 'reward_model.ground_truth' must be a string, got {type(answer).__name__}")
+    extra = rec.get("extra_info") or {}
+    eq = extra.get("equivalent_answers") or () if isinstance(extra, dict) else ()
+    if not isinstance(eq, (list, tuple)) or not all(isinstance(e, str) for e in eq):
+        raise DataError(f"{where}: 'extra_info.equivalent_answers' must be a list of strings")
+    images = rec.get("images") or []
+    if not isinstance(images, list):
+        raise DataError(f"{where}: 'images' must be a list")
+    ex = Example(question=need_str(users[0], "content", where), images=[resolve_image(r, base, where) for r in images],
+                 where=where, system=system, answer=answer, equivalents=tuple(eq), extra=extra if isinstance(extra, dict) else {})
+    for k in ("teacher_caption", "teacher_cot"):
+        if rec.get(k) is not None:
+            setattr(ex, k, need_str(rec, k, where))
+    user_content(ex.question, len(ex.images), where)  # marker count check now, not deep inside a later stage
+    return ex
+
+
+def parse_pair(rec, base, where):
+    """Warm-up pair: prompt (or question), image, teacher_caption, teacher_cot, student_caption, student_cot."""
+    q = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
+    if not isinstance(q, str) or not q.strip():
+        raise DataError(f"{where}: field 'prompt' (or 'question') must be a non-empty string")
+    img = rec.get("image")
+    images = [] if img is None else [resolve_image(r, base, where) for r in (img if isinstance(img, list) else [img])]
+    return Example(question=q, images=images, where=where,
+                   **{k: need_str(rec, k, where) for k in ("teacher_caption", "teacher_cot", "student_caption", "student_cot")})
+
+
+def read_examples(path, kind, skip_bad=False, require=()):
+    """Read a data file as Examples. kind: "sft" (sharegpt), "prompt" (RL/alignment parquet or JSONL), "pair" (warm-up JSONL).
+    `require` names Example fields that must be present (e.g. teacher_caption for alignment).
+    Returns (examples, skipped) where skipped lists the DataError messages of the records dropped under skip_bad."""
+    parse = {"sft": parse_sharegpt, "prompt": parse_prompt, "pair": parse_pair}[kind]
+    base = os.path.dirname(os.path.abspath(path))
+    examples, skipped = [], []
+    for i, rec in iter_records(path):
+        where = f"{path}:{i}"
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+            ex = parse(rec, base, where)
+            for k in require:
+                if getattr(ex, k) is None:
+                    raise DataError(f"{where}: missing '{k}'")
+            if not ex.question.replace(IMAGE_MARKER, "").strip():
+                raise DataError(f"{where}: empty question")
+            examples.append(ex)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+    if not examples:
+        raise DataError(f"{path}: no usable records" + (f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""))
+    return examples, skipped
+
+
+# -----------------------------------------------------------------------------
+# the synthetic world: a grid of cells, some holding one coloured shape; questions with verifiable answers
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 30)}
+SHAPES = ("circle", "square", "triangle")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+LETTERS = "ABCDEFGH"
+
+
+def draw_scene(rng, grid, cell, n_objects):
+    """A white image of grid x grid cells (cell px each) with n_objects shapes in distinct cells.
+    Returns (PIL image, objects sorted row-major as (row, col, colour, shape), 1-based rows/cols)."""
+    cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], n_objects)
+    objs = sorted((r + 1, c + 1, rng.choice(list(COLOURS)), rng.choice(SHAPES)) for r, c in cells)
+    img = Image.new("RGB", (grid * cell, grid * cell), (250, 250, 250))
+    d = ImageDraw.Draw(img)
+    for r, c, colour, shape in objs:
+        m = cell // 8  # margin, plus a jitter of up to 2 px per side
+        x0, y0 = (c - 1) * cell + m + rng.randint(0, 2), (r - 1) * cell + m + rng.randint(0, 2)
+        x1, y1 = c * cell - m - rng.randint(0, 2), r * cell - m - rng.randint(0, 2)
+        fill = COLOURS[colour]
+        if shape == "circle":
+            d.ellipse([x0, y0, x1, y1], fill=fill)
+        elif shape == "square":
+            d.rectangle([x0, y0, x1, y1], fill=fill)
+        else:
+            d.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return img, objs
+
+
+def describe(o):
+    return f"row {o[0]}, column {o[1]}: {o[2]} {o[3]}"
+
+
+def make_question(rng, objs, hard=False):
+    """(question, answer, reasoning lines, equivalent answers) for one scene. Types: count, attribute, multiple choice, two-part, arithmetic;
+    the hard split adds conjunction counts ("red circles"), a composition never seen in training."""
+    kinds = ["count", "count", "attribute", "choice", "pair", "arith"] + (["conj", "conj"] if hard else [])
+    kind = rng.choice(kinds)
+
+    def prop():  # a property to count: a colour or a shape
+        if rng.random() < 0.5:
+            c = rng.choice(list(COLOURS))
+            return f"{c} shapes", (lambda o: o[2] == c)
+        s = rng.choice(SHAPES)
+        return PLURAL[s], (lambda o: o[3] == s)
+
+    def count_lines(name, pred):
+        lines = [f"I look for {name}."] + [f"{describe(o)}, {'yes' if pred(o) else 'no'}." for o in objs]
+        n = sum(map(pred, objs))
+        return n, lines + [f"So there are {n} {name}."]
+
+    if kind == "count":
+        name, pred = prop()
+        n, lines = count_lines(name, pred)
+        return f"How many {name} are there?", str(n), lines, []
+    if kind == "conj":
+        c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        n, lines = count_lines(f"{c} {PLURAL[s]}", lambda o: o[2] == c and o[3] == s)
+        return f"How many {c} {PLURAL[s]} are there?", str(n), lines, []
+    if kind == "attribute":
+        o = rng.choice(objs)
+        attr = rng.choice(["colour", "shape"])
+        val = o[2] if attr == "colour" else o[3]
+        q = f"What is the {attr} of the object in row {o[0]}, column {o[1]}?"
+        return q, val, [f"I find row {o[0]}, column {o[1]}.", f"{describe(o)}.", f"Its {attr} is {val}."], []
+    if kind == "choice":
+        o = rng.choice(objs)
+        attr = rng.choice(["colour", "shape"])
+        opts = list(COLOURS) if attr == "colour" else list(SHAPES)
+        rng.shuffle(opts)
+        val = o[2] if attr == "colour" else o[3]
+        letter = LETTERS[opts.index(val)]
+        q = f"What is the {attr} of the object in row {o[0]}, column {o[1]}? " + " ".join(
+            f"({LETTERS[i]}) {v}" for i, v in enumerate(opts))
+        lines = [f"I find row {o[0]}, column {o[1]}.", f"{describe(o)}.", f"Its {attr} is {val}, option {letter}."]
+        return q, letter, lines, [val]  # the option's text is an equivalent answer
+    if kind == "pair":
+        (n1, p1), (n2, p2) = prop(), prop()
+        a, la = count_lines(n1, p1)
+        b, lb = count_lines(n2, p2)
+        return f"How many {n1} and how many {n2} are there?", f"{a}, {b}", la + lb, []
+    (n1, p1), (n2, p2) = prop(), prop()
+    a, la = count_lines(n1, p1)
+    b, lb = count_lines(n2, p2)
+    if rng.random() < 0.5:
+        return f"What is the number of {n1} plus the number of {n2}?", str(a + b), la + lb + [f"{a} plus {b} is {a + b}."], []
+    return f"What is the number of {n1} minus the number of {n2}?", str(a - b), la + lb + [f"{a} minus {b} is {a - b}."], []
+
+
+def high_fidelity(objs, lines):
+    """(caption, cot): every object with its cell, then step-by-step reasoning over that list."""
+    caption = "<caption>\n" + "\n".join(f"- {describe(o)}" for o in objs) + "\n</caption>"
+    return caption, "<think>\n" + "\n".join(lines) + "\n</think>"
+
+
+def broad(rng, objs, answer, grid, p_correct=0.6):
+    """(caption, cot, answer) in the terse style of broad public data: a one-line caption, one line of reasoning,
+    and a wrong answer in a share of the cases."""
+    caption = f"<caption>\n- a {grid} by {grid} grid with {len(objs)} coloured shapes\n</caption>"
+    cot = "<think>\nI read the answer off the image.\n</think>"
+    if rng.random() >= p_correct:
+        answer = wrong_answer(rng, answer)
+    return caption, cot, answer
+
+
+def wrong_answer(rng, answer):
+    if answer in COLOURS:
+        return rng.choice([c for c in COLOURS if c != answer])
+    if answer in SHAPES:
+        return rng.choice([s for s in SHAPES if s != answer])
+    if len(answer) == 1 and answer in LETTERS:
+        return rng.choice([x for x in LETTERS[:3] if x != answer])
+    if "," in answer:
+        a, b = answer.split(", ")
+        return f"{a}, {int(b) + rng.choice([-1, 1])}"
+    return str(int(answer) + rng.choice([-1, 1, 2]))
+
+
+def train_tokenizer(texts, vocab_size):
+    """A byte-level BPE trained on the world's text plus Qwen3-VL's special tokens, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, bos_token=None, model_max_length=32768, clean_up_tokenization_spaces=False)
+
+
+def build_processor(tokenizer, max_pixels=560 * 560):
+    """The Qwen3-VL processor: patch 16, merge 2, temporal patch 2 (one merged token per 32x32 px), our chat template."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    common = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image = Qwen2VLImageProcessor(size={"shortest_edge": 32 * 32, "longest_edge": max_pixels}, **common)
+    video = Qwen3VLVideoProcessor(size={"shortest_edge": 32 * 32 * 2, "longest_edge": max_pixels * 2}, **common)
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=CHAT_TEMPLATE)
+
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n_hard=200, n_warmup=1024, hf_ratio=0.5,
+                   grid=3, cell=32, min_objects=1, max_objects=4, hard_objects=(5, 7), vocab_size=1024):
+    """Write the whole synthetic world under `out`. Same arguments -> byte-identical files."""
+    from tqdm import tqdm
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    texts, splits = [], {}
+    plan = [("sft", n_sft, False), ("align", n_align, False), ("rl", n_rl, False), ("eval", n_eval, False),
+            ("eval_hard", n_hard, True), ("warmup", n_warmup, False)]
+    bar = tqdm(total=sum(n for _, n, _ in plan), desc="synthetic world", unit="ex")
+    for name, n, hard in plan:
+        rows = []
+        for i in range(n):
+            lo, hi = hard_objects if hard else (min_objects, max_objects)
+            img, objs = draw_scene(rng, grid, cell, rng.randint(lo, hi))
+            q, ans, lines, eq = make_question(rng, objs, hard)
+            cap, cot = high_fidelity(objs, lines)
+            rel = f"images/{name}_{i:06d}.png"
+            user = IMAGE_MARKER + "\n" + q
+            if name == "sft":
+                if rng.random() < hf_ratio:
+                    resp = f"{cap}\n{cot}\n<answer>{ans}</answer>"
+                else:
+                    bcap, bcot, bans = broad(rng, objs, ans, grid)
+                    resp = f"{bcap}\n{bcot}\n<answer>{bans}</answer>"
+                img.save(os.path.join(out, rel))
+                rows.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
+                                          {"role": "assistant", "content": resp}], "images": [rel]})
+                texts.append(resp)
+            elif name == "warmup":
+                bcap, bcot, bans = broad(rng, objs, ans, grid)
+                img.save(os.path.join(out, rel))
+                rows.append({"prompt": user, "image": rel, "teacher_caption": cap,
+                             "teacher_cot": f"{cot}\n<answer>{ans}</answer>", "student_caption": bcap,
+                             "student_cot": f"{bcot}\n<answer>{bans}</answer>"})
+            else:
+                # parquet: embedded PNG bytes (HF image dicts); the hard split uses plain relative paths instead
+                if hard:
+                    img.save(os.path.join(out, rel))
+                    image_col = [rel]
+                else:
+                    image_col = [{"bytes": png_bytes(img), "path": rel}]
+                rows.append({"data_source": "shapes", "prompt": [{"role": "system", "content": SYSTEM_PROMPT},
+                                                                 {"role": "user", "content": user}],
+                             "images": image_col, "reward_model": {"style": "rule", "ground_truth": ans},
+                             "extra_info": {"index": i, "answer": ans, "question": q, "n_objects": len(objs),
+                                            "equivalent_answers": eq},
+                             "teacher_caption": cap, "teacher_cot": f"{cot}\n<answer>{ans}</answer>"})
+            texts.append(q)
+            bar.update()
+        splits[name] = rows
+    bar.close()
+    write_jsonl(os.path.join(out, "sft.jsonl"), splits["sft"])
+    write_jsonl(os.path.join(out, "warmup.jsonl"), splits["warmup"])
+    for name in ("align", "rl", "eval", "eval_hard"):
+        rows = splits[name]
+        if name == "rl":  # the RL set has no teacher columns (eval keeps them to measure drift against the supervision)
+            rows = [{k: v for k, v in r.items() if not k.startswith("teacher_")} for r in rows]
+        write_parquet(os.path.join(out, f"{name}.parquet"), rows)
+    # tokenizer text: everything the models will read or write, plus the digits and tags spelled out
+    texts += [SYSTEM_PROMPT, " ".join(str(i) for i in range(-20, 100)), "<caption> </caption> <think> </think> <answer> </answer>"]
+    tok = train_tokenizer(texts, vocab_size)
+    build_processor(tok).save_pretrained(os.path.join(out, "processor"))
+    return splits
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Write the synthetic visual-reasoning world in the released data formats.")
+    p.add_argument("--out", default="data/shapes", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
+    p.add_argument("--n-sft", type=int, default=4000, help="SFT demonstrations (sft.jsonl)")
+    p.add_argument("--n-align", type=int, default=256, help="alignment prompts with teacher columns (align.parquet)")
+    p.add_argument("--n-rl", type=int, default=512, help="RL prompts (rl.parquet)")
+    p.add_argument("--n-eval", type=int, default=200, help="held-out prompts (eval.parquet)")
+    p.add_argument("--n-hard", type=int, default=200, help="harder held-out prompts: more objects, unseen questions")
+    p.add_argument("--n-warmup", type=int, default=1024, help="discriminator warm-up pairs (warmup.jsonl)")
+    p.add_argument("--hf-ratio", type=float, default=0.5, help="share of high-fidelity demonstrations in sft.jsonl (rest: broad)")
+    p.add_argument("--grid", type=int, default=3, help="cells per image side")
+    p.add_argument("--cell", type=int, default=32, help="cell size in pixels (32 = one merged visual token)")
+    p.add_argument("--min-objects", type=int, default=1, help="fewest objects per image (train/eval)")
+    p.add_argument("--max-objects", type=int, default=4, help="most objects per image (train/eval)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary size (BPE)")
+    a = p.parse_args()
+    assert 1 <= a.min_objects <= a.max_objects <= a.grid * a.grid, "need 1 <= min-objects <= max-objects <= grid^2"
+    make_synthetic(a.out, a.seed, a.n_sft, a.n_align, a.n_rl, a.n_eval, a.n_hard, a.n_warmup, a.hf_ratio, a.grid, a.cell,
+                   a.min_objects, a.max_objects, (min(a.max_objects + 1, a.grid ** 2), min(a.max_objects + 3, a.grid ** 2)),
+                   a.vocab_size)
+    print(f"wrote {a.out}: sft.jsonl ({a.n_sft}), align.parquet ({a.n_align}), rl.parquet ({a.n_rl}), eval.parquet ({a.n_eval}),"
+          f" eval_hard.parquet ({a.n_hard}), warmup.jsonl ({a.n_warmup}), images/, processor/")

@@ -1,0 +1,150 @@
+"""
+Evaluation on held-out sets: accuracy (greedy, and pass/mean over k samples), format-valid rate, response length, and the
+structural drift statistics of PRISM (bullet items per caption, reasoning steps per response) with their Wasserstein-1
+distance to the supervision's distribution when the data holds teacher text.
+
+    python eval.py --model runs/x/sft --data data/shapes/eval.parquet data/shapes/eval_hard.parquet --out runs/x/sft/eval.json
+    torchrun --nproc_per_node 8 eval.py --model runs/x/rl --data mathvista_testmini.parquet --samples 8
+
+Data: any parquet/JSONL in the RL format (prompt, images, reward_model.ground_truth, optional extra_info.equivalent_answers).
+"""
+
+import argparse
+import json
+import os
+import re
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import model as M
+import verify
+
+
+def caption_items(text):
+    """Bullet items in the caption block ("- ", "* ", "• " or "1. " lines); None when there is no caption block."""
+    m = re.search(r"<caption>(.*?)</caption>", text, re.DOTALL)
+    return None if m is None else sum(bool(re.match(r"\s*(?:[-*•]|\d+[.)])\s+", ln)) for ln in m.group(1).splitlines())
+
+
+def reasoning_steps(text):
+    """Non-empty lines in the think block; None when there is no think block."""
+    m = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
+    return None if m is None else sum(bool(ln.strip()) for ln in m.group(1).splitlines())
+
+
+def wasserstein1(a, b):
+    """W1 distance between two empirical distributions of numbers (the area between their CDFs)."""
+    if not a or not b:
+        return float("nan")
+    xs = sorted(set(a) | set(b))
+    cdf = lambda vals, x: sum(v <= x for v in vals) / len(vals)  # noqa: E731
+    return sum(abs(cdf(a, x) - cdf(b, x)) * (x2 - x) for x, x2 in zip(xs, xs[1:]))
+
+
+def drift(texts, teacher_texts):
+    """Structure statistics of responses and, when teacher text exists, their W1 distance to the teacher's."""
+    cap = [c for c in map(caption_items, texts) if c is not None]
+    cot = [s for s in map(reasoning_steps, texts) if s is not None]
+    out = {"caption_items": sum(cap) / max(len(cap), 1), "reasoning_steps": sum(cot) / max(len(cot), 1),
+           "caption_hist": cap, "steps_hist": cot}
+    if teacher_texts:
+        out["w1_caption_items"] = wasserstein1(cap, [caption_items(t) for t in teacher_texts])
+        out["w1_reasoning_steps"] = wasserstein1(cot, [reasoning_steps(t) for t in teacher_texts])
+    return out
+
+
+@torch.no_grad()
+def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max_new_tokens=512, max_pixels=560 * 560,
+             batch_size=64, desc="eval"):
+    """Greedy accuracy (+ mean and pass@k over `samples` sampled responses at `temperature` when samples > 0), format rate,
+    mean length, drift statistics. Examples are split over ranks; the results are gathered so every rank returns the same."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = examples[rank::world]
+    tok = processor.tokenizer
+    prompts = [data.render_chat(processor, ex, None, max_pixels) for ex in mine]
+    rows = []
+    for i in tqdm(range(0, len(mine), batch_size), desc=desc, disable=rank != 0, leave=False):
+        chunk, pr = mine[i:i + batch_size], prompts[i:i + batch_size]
+        greedy = M.generate(infer, pr, tok, device, max_new_tokens, temperature=0)
+        sampled = M.generate(infer, [q for q in pr for _ in range(samples)], tok, device, max_new_tokens, temperature) \
+            if samples else []
+        for j, ex in enumerate(chunk):
+            text = tok.decode(greedy[j], skip_special_tokens=True)
+            r = verify.reward(text, ex.answer, ex.equivalents)
+            s = [verify.reward(tok.decode(t, skip_special_tokens=True), ex.answer, ex.equivalents)["acc"]
+                 for t in sampled[j * samples:(j + 1) * samples]]
+            rows.append({"where": ex.where, "text": text, "acc": r["acc"], "format": r["format"], "len": len(greedy[j]),
+                         "sample_acc": s, "teacher": (ex.teacher_caption + "\n" + ex.teacher_cot) if ex.teacher_caption
+                         and ex.teacher_cot else None})
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    rows = [r for g in gathered for r in g]
+    n = len(rows)
+    res = {"n": n, "acc": sum(r["acc"] for r in rows) / n, "format": sum(r["format"] for r in rows) / n,
+           "length": sum(r["len"] for r in rows) / n}
+    if samples:
+        res[f"mean@{samples}"] = sum(sum(r["sample_acc"]) / samples for r in rows) / n
+        res[f"pass@{samples}"] = sum(max(r["sample_acc"]) for r in rows) / n
+    res.update(drift([r["text"] for r in rows], [r["teacher"] for r in rows if r["teacher"]]))
+    res["examples"] = [{k: r[k] for k in ("where", "text", "acc")} for r in rows[:3]]
+    return res
+
+
+def table(results):
+    """A markdown table, one row per (name, dataset)."""
+    cols = ["acc", "format", "length", "caption_items", "reasoning_steps", "w1_caption_items", "w1_reasoning_steps"]
+    extra = sorted({k for r in results.values() for k in r if "@" in k})
+    lines = ["| model / data | " + " | ".join(cols + extra) + " |", "|---" * (len(cols + extra) + 1) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else "-" for c in cols + extra)
+                     + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="an HF directory (a stage output), or a built-in config name for an untrained baseline")
+    p.add_argument("--processor", default=None, help="processor directory (default: the --model directory)")
+    p.add_argument("--data", nargs="+", default=[], help="parquet/JSONL files in the RL format")
+    p.add_argument("--out", default=None, help="write the metrics JSON here (default: MODEL/eval.json)")
+    p.add_argument("--samples", type=int, default=0, help="also sample k responses per prompt (mean@k and pass@k)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="response length limit in tokens")
+    p.add_argument("--max-pixels", type=int, default=560 * 560, help="images are downscaled to at most this many pixels")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples of each file (0: all)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the --model directory")
+    args = p.parse_args()
+
+    if not args.model or not args.data:
+        p.error("--model and --data are required")
+    rank, world, device = M.init_dist()
+    M.seed_all(args.seed + rank)
+    processor = M.load_processor(args.processor or args.model)
+    hf = M.load_policy(args.model, processor, device, seed=args.seed, trust_remote_code=args.trust_remote_code)
+    infer = M.make_inference_copy(hf, device)
+    del hf
+    results = {}
+    for path in args.data:
+        exs, skipped = data.read_examples(path, "prompt", skip_bad=args.skip_bad)
+        if skipped:
+            M.print0(f"skipped {len(skipped)} bad records of {path} (first: {skipped[0]})")
+        exs = exs[:args.limit] if args.limit else exs
+        name = os.path.basename(path).rsplit(".", 1)[0]
+        results[name] = evaluate(infer, processor, exs, device, args.samples, args.temperature, args.max_new_tokens,
+                                 args.max_pixels, args.batch_size, desc=name)
+        results[name]["skipped"] = len(skipped)
+    if rank == 0:
+        out = args.out or os.path.join(args.model, "eval.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"model": args.model, "results": results}, f, indent=1)
+        print(table({f"{args.model} / {k}": v for k, v in results.items()}))
+        for k, v in results.items():
+            print(f"\n{k}, first response:\n{v['examples'][0]['text']}")
+    dist.destroy_process_group()

@@ -1,0 +1,411 @@
+"""
+Models and their plumbing, shared by every stage: distributed init, the policy (any Qwen3-VL HF directory or a built-in
+config), FSDP2 wrapping, per-token log-probs, rollout generation, HF save and resume checkpoints, and the discriminator
+(sparse upcycling to Qwen3-VL-MoE + a score head).
+
+    python model.py init --config tiny --processor data/shapes/processor --out runs/tiny-init    # a random-weight HF dir
+    python model.py upcycle --dense runs/x/sft --out runs/x/disc-init --experts 4 --top-k 2 --noise 0.01
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# distributed
+
+def init_dist():
+    """(rank, world_size, device). One path for `python x.py` (a 1-process group) and torchrun (gloo on CPU, NCCL on GPU)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    else:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        # a process group of one, so FSDP2 and every collective run the same code as under torchrun (no port needed)
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def print0(*a, **k):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+def all_sum(x, device):
+    """Sum a float or a list of floats over ranks (as float64 on `device`)."""
+    t = torch.tensor(x, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def seed_all(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# configurations and loading
+
+# built-in Qwen3-VL sizes (random init): tiny runs the whole pipeline on 2 CPU cores in minutes, small on one GPU in minutes
+CONFIGS = {
+    "tiny": dict(text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32, mrope_section=[8, 4, 4]),
+                 vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, num_position_embeddings=64,
+                             deepstack_visual_indexes=[1])),
+    "small": dict(text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=64, mrope_section=[16, 8, 8]),
+                  vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, num_position_embeddings=256,
+                              deepstack_visual_indexes=[1, 3])),
+}
+
+
+def build_config(name, tokenizer):
+    """A Qwen3VLConfig for a built-in size whose vocabulary and special-token ids match `tokenizer`."""
+    from transformers import Qwen3VLConfig
+    c = CONFIGS[name]
+    text = {k: v for k, v in c["text"].items() if k != "mrope_section"}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": c["text"]["mrope_section"],
+                               "mrope_interleaved": True}
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"), ("video_token_id",
+           "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return Qwen3VLConfig(text_config=dict(vocab_size=len(tokenizer), pad_token_id=pad, **text),
+                         vision_config=dict(out_hidden_size=text["hidden_size"], patch_size=16, spatial_merge_size=2,
+                                            temporal_patch_size=2, **c["vision"]),
+                         tie_word_embeddings=True, **ids)
+
+
+def attn_impl(device):
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_policy(spec, processor, device, seed=0, trust_remote_code=False):
+    """A Qwen3-VL policy (fp32 master weights) from an HF directory or a built-in config name ("tiny", "small")."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3VLForConditionalGeneration
+    if spec in CONFIGS:
+        torch.manual_seed(seed)
+        cfg = build_config(spec, processor.tokenizer)
+        cfg._attn_implementation = attn_impl(device)
+        return Qwen3VLForConditionalGeneration(cfg)
+    if not os.path.isfile(os.path.join(spec, "config.json")):
+        raise SystemExit(f"--policy/--init {spec!r}: not a built-in config ({', '.join(CONFIGS)}) nor an HF directory")
+    cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    if cfg.model_type != "qwen3_vl":
+        raise SystemExit(f"{spec}: model_type is {cfg.model_type!r}; the policy must be a dense Qwen3-VL (qwen3_vl)")
+    check_vocab(cfg, processor, spec)
+    return AutoModelForImageTextToText.from_pretrained(spec, dtype=torch.float32, attn_implementation=attn_impl(device),
+                                                       trust_remote_code=trust_remote_code, use_safetensors=True)
+
+
+def check_vocab(cfg, processor, where):
+    """Refuse a model whose embedding table or image token does not fit the processor's tokenizer."""
+    tc = getattr(cfg, "text_config", cfg)
+    n = len(processor.tokenizer)
+    if tc.vocab_size < n:
+        raise SystemExit(f"{where}: vocabulary {tc.vocab_size} < tokenizer size {n}: model and processor do not match")
+    img = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    if getattr(cfg, "image_token_id", img) != img:
+        raise SystemExit(f"{where}: image_token_id {cfg.image_token_id} != the processor's {img}: model and processor do not match")
+
+
+def load_processor(path):
+    from transformers import AutoProcessor
+    if not os.path.isdir(path):
+        raise SystemExit(f"processor directory not found: {path}")
+    return AutoProcessor.from_pretrained(path)
+
+
+# -----------------------------------------------------------------------------
+# FSDP2
+
+def shard(model, device, freeze_vision=False, grad_ckpt=False):
+    """FSDP2: each vision block and decoder block, then the root. bf16 compute with fp32 master weights and fp32 gradient
+    reduction on GPU; fp32 on CPU. The gradient is summed over ranks, not averaged: losses are normalised globally."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    hf = model.hf if isinstance(model, LogProbs) else model
+    if freeze_vision:
+        for p in trunk(model).visual.parameters():
+            p.requires_grad_(False)
+    if grad_ckpt:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.config.use_cache = False
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else \
+        MixedPrecisionPolicy()
+    model.to(device)
+    for block in list(trunk(model).visual.blocks) + list(trunk(model).language_model.layers):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.set_gradient_divide_factor(1.0)
+    return model
+
+
+def trunk(model):
+    """The Qwen3VLModel(-Moe) inside a policy, its LogProbs wrapper, or a discriminator (all keep it in `.model`)."""
+    return model.hf.model if isinstance(model, LogProbs) else model.model
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999)):
+    """AdamW over the trainable parameters, created after sharding (it holds DTensor shards). No decay on norms/biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=betas, eps=1e-8)
+
+
+def clip_grad(model, max_norm):
+    """Clip the global grad norm (over all shards); returns it as a float (may be nan/inf: callers skip such steps)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+# -----------------------------------------------------------------------------
+# forward passes
+
+def model_inputs(batch, device):
+    """The batch entries a Qwen3-VL forward takes, moved to `device`."""
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    return {k: batch[k].to(device) for k in keys if k in batch}
+
+
+def hidden_states(model, batch, device):
+    """Last hidden states (B, T, H) of the trunk, with the processor's M-RoPE positions (computed from mm_token_type_ids)."""
+    return trunk(model)(**model_inputs(batch, device), use_cache=False).last_hidden_state
+
+
+def chunk_logprobs(h, weight, targets):
+    """log p(targets) for hidden rows h (N, H) under the output layer `weight` (V, H), in fp32. (N,)"""
+    logits = (h @ weight.t()).float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(model, batch, device, chunk=2048):
+    """Per-token log-probs of the supervised tokens: out[b, t] = log p(input_ids[b, t] | tokens < t) where labels[b, t] != -100,
+    else 0. (B, T) fp32. The vocabulary projection runs on `chunk` target rows at a time and is recomputed in backward,
+    so full fp32 logits over the vocabulary are never materialised for the whole sequence."""
+    labels = batch["labels"].to(device)
+    h = hidden_states(model, batch, device)  # (B, T, H)
+    # position t-1 predicts token t: targets are labels shifted left by one
+    tgt = torch.full_like(labels, -100)
+    tgt[:, :-1] = labels[:, 1:]
+    idx = (tgt != -100).nonzero(as_tuple=True)  # rows with a target
+    hs, ts = h[idx], tgt[idx]  # (N, H), (N,)
+    w = model.lm_head.weight
+    parts = [checkpoint(chunk_logprobs, hs[i:i + chunk], w, ts[i:i + chunk], use_reentrant=False) if torch.is_grad_enabled()
+             else chunk_logprobs(hs[i:i + chunk], w, ts[i:i + chunk]) for i in range(0, len(ts), chunk)]
+    lp = torch.zeros(labels.shape, dtype=torch.float32, device=device)
+    out = torch.cat(parts) if parts else lp.new_zeros(0)
+    # the log-prob of the token at t sits at t (shift back), so that out and labels line up
+    lp[idx[0], idx[1] + 1] = out
+    return lp
+
+
+class LogProbs(nn.Module):
+    """Wraps a Qwen3-VL policy so that FSDP2's root hooks gather the root parameters (embeddings, lm_head) around
+    token_logprobs, which calls the trunk and the output layer separately."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, batch, chunk=2048):
+        return token_logprobs(self.hf, batch, self.hf.lm_head.weight.device, chunk)
+
+
+# -----------------------------------------------------------------------------
+# rollouts
+
+@torch.no_grad()
+def sync_weights(src, dst):
+    """Copy a (sharded) training model's weights into the plain inference copy: one all-gather per tensor per rollout phase,
+    never per decode step."""
+    dst_params = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        dst_params[name.removeprefix("hf.")].copy_(full)
+
+
+def make_inference_copy(hf, device):
+    """A plain (unsharded) copy of the policy for generation: bf16 on GPU, fp32 on CPU, eval mode, cache on."""
+    import copy
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    infer = copy.deepcopy(hf).to(device=device, dtype=dtype).eval()
+    infer.config.use_cache = True
+    infer.requires_grad_(False)
+    return infer
+
+
+def left_pad(items, pad_id):
+    """Left-pad prompt encodings (from data.render_chat) for generation: (B, T) input_ids, attention_mask, mm_token_type_ids."""
+    B, T = len(items), max(len(it["input_ids"]) for it in items)
+    out = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long), "attention_mask": torch.zeros(B, T, dtype=torch.long),
+           "mm_token_type_ids": torch.zeros(B, T, dtype=torch.long)}
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        out["input_ids"][i, T - n:] = it["input_ids"]
+        out["attention_mask"][i, T - n:] = 1
+        out["mm_token_type_ids"][i, T - n:] = it["mm_token_type_ids"]
+    imgs = [it for it in items if "pixel_values" in it]
+    if imgs:
+        out["pixel_values"] = torch.cat([it["pixel_values"] for it in imgs])
+        out["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in imgs])
+    return out
+
+
+@torch.no_grad()
+def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64):
+    """Sample one response per prompt encoding (repeat a prompt n times for n samples). Greedy when temperature == 0.
+    Stops at the end-of-turn token. Returns a list of token-id lists, each ending with <|im_end|> unless cut at max_new_tokens.
+    Runs on the plain inference copy: no collectives, so ranks that finish early never hang the others."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = left_pad(prompts[i:i + batch_size], pad)
+        kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        seqs = infer.generate(**model_inputs(batch, device), max_new_tokens=max_new_tokens, eos_token_id=eos,
+                              pad_token_id=pad, top_k=None, **kw)
+        for row in seqs[:, batch["input_ids"].shape[1]:].tolist():
+            out.append(row[:row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def join_response(prompt, response_ids):
+    """A training item: prompt encoding + generated tokens, labels on the generated tokens only."""
+    r = torch.tensor(response_ids, dtype=torch.long)
+    item = {"input_ids": torch.cat([prompt["input_ids"], r]), "labels": torch.cat([torch.full_like(prompt["input_ids"], -100), r]),
+            "mm_token_type_ids": torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(r)])}
+    if "pixel_values" in prompt:
+        item["pixel_values"], item["image_grid_thw"] = prompt["pixel_values"], prompt["image_grid_thw"]
+    return item
+
+
+# -----------------------------------------------------------------------------
+# saving and resuming
+
+def full_state_dict(model):
+    """The full (unsharded) state dict on rank 0 (CPU tensors); {} on other ranks. Collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_hf(model, processor, out, run_config):
+    """Save a stage output as a plain HF directory on rank 0: bf16 safetensors, config, processor, run_config.json.
+    Files are written to a temp dir, then moved into `out` (which may also hold metrics.jsonl and ckpt/)."""
+    sd = full_state_dict(model)
+    if dist.get_rank() == 0:
+        sd = {k.removeprefix("hf."): v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
+        hf = model.hf if isinstance(model, LogProbs) else model
+        tmp = os.path.join(out, "tmp_save")
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf.config.dtype = torch.bfloat16
+        hf.config.use_cache = True
+        hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+            json.dump(run_config, f, indent=2, default=str)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        os.rmdir(tmp)
+    dist.barrier()
+
+
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def save_checkpoint(ckpt_dir, step, models, optimizers, meta, keep=1):
+    """A resume checkpoint: sharded models + optimizers (torch.distributed.checkpoint), step/meta on rank 0 and each rank's RNG.
+    Written under a temp name and renamed when complete, so a kill never leaves a half-written checkpoint behind."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    rank = dist.get_rank()
+    final = os.path.join(ckpt_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    state = {}
+    for name, m in models.items():
+        msd, osd = get_state_dict(m, optimizers[name]) if name in optimizers else (get_state_dict(m, [])[0], None)
+        state[f"{name}.model"] = msd
+        if osd is not None:
+            state[f"{name}.optim"] = osd
+    dcp.save(state, checkpoint_id=tmp)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": step, "world_size": dist.get_world_size(), **meta}, f)
+        os.replace(tmp, final)
+        for old in sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    dist.barrier()
+
+
+def latest_checkpoint(ckpt_dir):
+    if not os.path.isdir(ckpt_dir):
+        return None
+    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp")
+                  and os.path.isfile(os.path.join(ckpt_dir, d, "meta.json")))
+    return os.path.join(ckpt_dir, done[-1]) if done else None
+
+
+def load_checkpoint(path, models, optimizers):
+    """Restore models, optimizers and this rank's RNG from save_checkpoint's directory; returns its meta dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    if meta["world_size"] != dist.get_world_size():
+        raise SystemExit(f"{path} was written by {meta['world_size']} processes; resume with the same number "
+                         f"(or start a new --out)")
+    state = {}
+    for name, m in models.items():
+        msd, osd = get_state_dict(m, optimizers[name]) if name in optimizers else (get_state_dict(m, [])[0], None)
+        state[f"{name}.model"] = msd
+        if osd is not None:
+            state[f"{name}.optim"] = osd
+    dcp.load(state, checkpoint_id=path)
+    for name, m in models.items():
+        if name in optimizers:
+            set_state_dict(m, optimizers[name], model_state_dict=state[f"{name}.model"],
+                           optim_state_dict=state[f"{name}.optim"])
+        else:
+            set_state_dict(m, [], model_state_dict=state[f"{name}.model"], optim_state_dict={})
+    set_rng_state(torch.load(os.path.join(path, f"rng_{dist.get_rank()}.pt"), weights_only=True))
+    return meta

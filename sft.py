@@ -1,0 +1,252 @@
+"""
+Stage 1 of PRISM: supervised fine-tuning on multimodal demonstrations (loss on assistant tokens only).
+
+    python sft.py --init tiny --processor data/shapes/processor --data data/shapes/sft.jsonl --out runs/x/sft
+    torchrun --nproc_per_node 8 sft.py --init /ckpt/Qwen3-VL-4B-Instruct --data sft.jsonl --out runs/x/sft --grad-ckpt
+
+The loss is the sum of token log-losses divided by the number of supervised tokens of the WHOLE optimizer step (all ranks,
+all micro-batches), so gradient accumulation and world size do not change the update. Re-running the same command resumes
+from the latest checkpoint in OUT/ckpt. Output: OUT is a plain Hugging Face directory (+ metrics.jsonl).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import model as M
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# model
+p.add_argument("--init", required=True, help="a Qwen3-VL HF directory, or a built-in config: tiny | small (random init)")
+p.add_argument("--processor", default=None, help="processor directory (default: the --init directory)")
+p.add_argument("--freeze-vision", action="store_true", help="the vision tower gets no gradient")
+p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block (less memory, ~30%% slower)")
+p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the --init directory")
+# data
+p.add_argument("--data", required=True, help="sharegpt JSON/JSONL with messages + images")
+p.add_argument("--val-size", type=int, default=128, help="examples held out from the end of --data for the validation loss")
+p.add_argument("--max-len", type=int, default=8192, help="drop (and count) examples longer than this many tokens; never truncate")
+p.add_argument("--max-pixels", type=int, default=560 * 560, help="images are downscaled to at most this many pixels")
+p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+# optimisation
+p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: derive from --epochs)")
+p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
+p.add_argument("--batch-size", type=int, default=128, help="global batch in examples per optimizer step")
+p.add_argument("--micro-batch", type=int, default=4, help="examples per forward/backward per rank")
+p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up as a share of the steps, then cosine to 0")
+p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm to this")
+p.add_argument("--seed", type=int, default=0, help="seed for init and data order")
+p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+# eval / checkpoint / logging
+p.add_argument("--out", required=True, help="output directory: the HF model, metrics.jsonl, ckpt/")
+p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps (0: only at the end)")
+p.add_argument("--save-every", type=int, default=100, help="resume checkpoint every N steps (0: never)")
+p.add_argument("--wandb", default=None, help="wandb project name (off when unset)")
+args = p.parse_args()
+
+rank, world, device = M.init_dist()
+M.seed_all(args.seed)
+os.makedirs(args.out, exist_ok=True)
+processor = M.load_processor(args.processor or args.init)
+tok = processor.tokenizer
+pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
+
+# -----------------------------------------------------------------------------
+# data: read and validate every record up front (errors name file and record); images decode lazily per batch
+
+examples, skipped = data.read_examples(args.data, "sft", skip_bad=args.skip_bad)
+if skipped:
+    M.print0(f"skipped {len(skipped)} bad records of {args.data} (first: {skipped[0]})")
+assert len(examples) > args.val_size, f"{args.data}: {len(examples)} examples, not enough for --val-size {args.val_size}"
+val, train = examples[len(examples) - args.val_size:], examples[:len(examples) - args.val_size]
+B = args.batch_size
+assert B % world == 0, f"--batch-size {B} must be divisible by the world size {world}"
+per_rank = B // world
+accum = math.ceil(per_rank / args.micro_batch)
+steps = args.steps or max(1, int(args.epochs * len(train) / B))
+M.print0(f"world {world} | device {device.type} | train {len(train)} val {len(val)} | batch {B} = {world} ranks x {accum} "
+         f"micro-steps x <= {args.micro_batch} | steps {steps} (~{steps * B / len(train):.2f} epochs)")
+
+
+def batch_indices(step):
+    """The global batch of `step`: consecutive slices of a per-epoch permutation (seeded), so resuming needs only the step."""
+    out = []
+    pos = step * B
+    while len(out) < B:
+        epoch, off = divmod(pos, len(train))
+        perm = list(range(len(train)))
+        random.Random(args.seed * 1000 + epoch).shuffle(perm)
+        take = perm[off:off + B - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+n_dropped = n_bad = 0
+
+
+def encode(exs):
+    """render_chat for each example; over-long ones are dropped and counted, bad ones too under --skip-bad."""
+    global n_dropped, n_bad
+    items = []
+    for ex in exs:
+        try:
+            it = data.render_chat(processor, ex, ex.response, args.max_pixels)
+        except data.DataError:
+            if not args.skip_bad:
+                raise
+            n_bad += 1
+            continue
+        if len(it["input_ids"]) > args.max_len:
+            n_dropped += 1
+            continue
+        items.append(it)
+    return items
+
+
+def micro_batches(items):
+    """Exactly `accum` micro-batches on every rank (FSDP needs every rank in every forward): an empty one carries a
+    placeholder item whose labels are all -100, so it contributes no loss and no gradient."""
+    out = []
+    for i in range(accum):
+        chunk = items[i * args.micro_batch:(i + 1) * args.micro_batch]
+        if not chunk:
+            ph = dict(placeholder)
+            ph["labels"] = torch.full_like(ph["labels"], -100)
+            chunk = [ph]
+        out.append(data.collate(chunk, pad_id))
+    return out
+
+
+placeholder = data.render_chat(processor, train[0], train[0].response, args.max_pixels)
+
+# -----------------------------------------------------------------------------
+# model, optimizer, schedule
+
+hf = M.load_policy(args.init, processor, device, seed=args.seed, trust_remote_code=args.trust_remote_code)
+n_params = sum(p.numel() for p in hf.parameters())
+policy = M.shard(M.LogProbs(hf), device, args.freeze_vision, args.grad_ckpt)
+opt = M.make_optimizer(policy, args.lr, args.weight_decay)
+warmup = int(args.warmup_ratio * steps)
+
+
+def lr_at(step):
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+ckpt_dir = os.path.join(args.out, "ckpt")
+start = 0
+if (last := M.latest_checkpoint(ckpt_dir)) is not None:
+    meta = M.load_checkpoint(last, {"policy": policy}, {"policy": opt})
+    start, n_dropped, n_bad = meta["step"], meta["dropped"], meta["bad"]
+    M.print0(f"resumed from {last} at step {start}")
+metrics_path = os.path.join(args.out, "metrics.jsonl")
+if rank == 0:  # keep the metrics of the steps before the resume point only
+    old = [line for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    with open(metrics_path, "w") as f:
+        f.writelines(line for line in old if json.loads(line).get("step", 0) < start)
+wandb = None
+if args.wandb and rank == 0:
+    import wandb
+    wandb.init(project=args.wandb, config=vars(args))
+M.print0(f"policy {args.init}: {n_params / 1e6:.2f}M params | lr {args.lr} warm-up {warmup} steps, cosine | out {args.out}")
+
+
+@torch.no_grad()
+def val_loss():
+    """Mean token loss over the held-out examples (all ranks share them, the sums are all-reduced)."""
+    policy.eval()
+    mine = encode(val[rank::world])
+    tot = cnt = 0.0
+    n_mb = math.ceil(math.ceil(len(val) / world) / args.micro_batch)
+    for i in range(n_mb):  # the same number of forwards on every rank
+        chunk = mine[i * args.micro_batch:(i + 1) * args.micro_batch] or [placeholder]
+        b = data.collate(chunk, pad_id)
+        lp = policy(b)
+        mask = b["labels"].to(device) != -100
+        if chunk[0] is not placeholder:
+            tot, cnt = tot - lp[mask].sum().item(), cnt + mask.sum().item()
+    tot, cnt = M.all_sum([tot, cnt], device)
+    policy.train()
+    return tot / max(cnt, 1)
+
+
+def log(rec):
+    if rank == 0:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if wandb:
+            wandb.log(rec, step=rec["step"])
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+bar = tqdm(total=steps, initial=start, desc="sft", disable=rank != 0, dynamic_ncols=True)
+bad_in_row = n_skipped_steps = 0
+policy.train()
+for step in range(start, steps + 1):
+    last_step = step == steps
+    if args.eval_every and (step % args.eval_every == 0 or last_step) or last_step:
+        vl = val_loss()
+        tqdm.write(f"step {step:05d}/{steps:05d} | val_loss {vl:.4f}") if rank == 0 else None
+        log({"step": step, "val_loss": vl})
+    if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
+        M.save_checkpoint(ckpt_dir, step, {"policy": policy}, {"policy": opt}, {"dropped": n_dropped, "bad": n_bad})
+    if last_step:
+        break
+
+    t0 = time.time()
+    idx = batch_indices(step)
+    items = encode([train[i] for i in idx[rank * per_rank:(rank + 1) * per_rank]])
+    # global normaliser: supervised tokens in the whole optimizer step, over all ranks and micro-batches
+    n_tok_local = sum(int((it["labels"] != -100).sum()) for it in items)
+    n_tok, n_in = M.all_sum([n_tok_local, sum(len(it["input_ids"]) for it in items)], device)
+    loss_sum = 0.0
+    for b in micro_batches(items):
+        lp = policy(b)  # (B, T) log-probs of the supervised tokens, 0 elsewhere
+        loss = -lp.sum() / max(n_tok, 1.0)  # this micro-batch's share of the global token-mean loss
+        loss.backward()
+        loss_sum += loss.item()
+    loss_sum = M.all_sum(loss_sum, device)
+    gnorm = M.clip_grad(policy, args.grad_clip)
+    if not math.isfinite(gnorm) or not math.isfinite(loss_sum):  # the grad norm is global, so every rank agrees here
+        opt.zero_grad(set_to_none=True)
+        bad_in_row += 1
+        n_skipped_steps += 1
+        M.print0(f"step {step}: non-finite loss/grad norm ({loss_sum}, {gnorm}), step skipped ({bad_in_row} in a row)")
+        if bad_in_row >= args.max_bad_steps:
+            raise SystemExit(f"{bad_in_row} non-finite steps in a row: stopping. Lower --lr or check the data.")
+        continue
+    bad_in_row = 0
+    lr = lr_at(step)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    dt = time.time() - t0
+    rec = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tok_s": n_in / dt, "dt": dt,
+           "dropped": n_dropped, "bad": n_bad, "skipped_steps": n_skipped_steps}
+    log(rec)
+    if rank == 0:
+        tqdm.write(f"step {step + 1:05d}/{steps:05d} | loss {loss_sum:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
+                   f"tok/s {n_in / dt:,.0f} | dt {dt * 1000:.0f}ms | dropped {n_dropped}")
+    bar.update()
+bar.close()
+
+M.save_hf(policy, processor, args.out, {"stage": "sft", **vars(args), "steps_done": steps, "dropped_overlong": n_dropped,
+                                        "skipped_bad": n_bad, "skipped_steps": n_skipped_steps})
+M.print0(f"saved {args.out} | dropped {n_dropped} over-long, {n_bad} bad examples, {n_skipped_steps} non-finite steps")
+dist.destroy_process_group()

@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMALL_WORLD = dict(n_sft=48, n_align=8, n_rl=8, n_eval=8, n_hard=8, n_warmup=16)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A small synthetic world on disk: (directory, the generator's rows per split)."""
+    import data
+    out = str(tmp_path_factory.mktemp("shapes"))
+    splits = data.make_synthetic(out, seed=0, **SMALL_WORLD)
+    return out, splits
+
+
+@pytest.fixture(scope="session")
+def processor(world):
+    from transformers import AutoProcessor
+    return AutoProcessor.from_pretrained(os.path.join(world[0], "processor"))

@@ -1,0 +1,218 @@
+"""data.py: label masks, image tokens, readers (round-trip and every bad-input case), determinism, processor round-trip."""
+
+import filecmp
+import io
+import json
+import os
+import struct
+import zlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import data
+import verify
+from conftest import SMALL_WORLD
+
+
+def test_label_mask_is_exactly_the_assistant_turn(world, processor):
+    exs, _ = data.read_examples(os.path.join(world[0], "sft.jsonl"), "sft")
+    tok = processor.tokenizer
+    for ex in exs[:10]:
+        it = data.render_chat(processor, ex, ex.response)
+        sup = it["labels"] != -100
+        n_sup = int(sup.sum())
+        # supervised tokens are one contiguous block at the very end: the response, then <|im_end|>
+        assert sup[-n_sup:].all() and not sup[:-n_sup].any()
+        assert torch.equal(it["labels"][sup], it["input_ids"][sup])
+        assert tok.decode(it["input_ids"][sup]) == ex.response + "<|im_end|>"
+        # the prompt part decodes to the chat template's generation prompt
+        assert tok.decode(it["input_ids"][~sup]).endswith("<|im_start|>assistant\n")
+        # image tokens: exactly what image_grid_thw implies (t * h * w / merge^2)
+        n_img = int((it["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum())
+        assert n_img == int(it["image_grid_thw"].prod(-1).sum()) // 4 == int((it["mm_token_type_ids"] == 1).sum())
+        assert it["pixel_values"].shape[0] == int(it["image_grid_thw"].prod(-1).sum())
+
+
+def test_collate_pads_right_and_keeps_images_in_order(world, processor):
+    exs, _ = data.read_examples(os.path.join(world[0], "sft.jsonl"), "sft")
+    items = [data.render_chat(processor, ex, ex.response) for ex in exs[:3]]
+    b = data.collate(items, pad_id=0)
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        assert b["attention_mask"][i].sum() == n and b["attention_mask"][i, :n].all()
+        assert torch.equal(b["labels"][i, :n], it["labels"]) and (b["labels"][i, n:] == -100).all()
+    assert torch.equal(b["pixel_values"], torch.cat([it["pixel_values"] for it in items]))
+
+
+def test_readers_round_trip(world):
+    out, splits = world
+    sft, _ = data.read_examples(os.path.join(out, "sft.jsonl"), "sft")
+    for ex, row in zip(sft, splits["sft"]):
+        assert ex.response == row["messages"][2]["content"] and ex.question == row["messages"][1]["content"]
+        assert ex.system == data.SYSTEM_PROMPT and ex.images == [os.path.join(out, row["images"][0])]
+    align, _ = data.read_examples(os.path.join(out, "align.parquet"), "prompt", require=("teacher_caption",))
+    for ex, row in zip(align, splits["align"]):
+        assert ex.answer == row["reward_model"]["ground_truth"]
+        assert ex.equivalents == tuple(row["extra_info"]["equivalent_answers"])
+        assert ex.teacher_caption == row["teacher_caption"] and ex.teacher_cot == row["teacher_cot"]
+        assert ex.images[0]["bytes"] == row["images"][0]["bytes"]
+        # the teacher demonstration is format-valid and earns the full reward
+        assert verify.reward(ex.teacher_caption + "\n" + ex.teacher_cot, ex.answer, ex.equivalents)["score"] == 1.0
+    rl, _ = data.read_examples(os.path.join(out, "rl.parquet"), "prompt")
+    assert len(rl) == SMALL_WORLD["n_rl"] and rl[0].teacher_caption is None
+    hard, _ = data.read_examples(os.path.join(out, "eval_hard.parquet"), "prompt")
+    assert isinstance(hard[0].images[0], str) and os.path.isfile(hard[0].images[0])  # plain relative paths, resolved
+    pairs, _ = data.read_examples(os.path.join(out, "warmup.jsonl"), "pair")
+    assert pairs[0].student_caption == splits["warmup"][0]["student_caption"]
+    # embedded bytes and the same picture drawn from a path decode to the same pixels
+    img = data.load_image(align[0].images[0], "x", 10 ** 6)
+    assert img.size == (96, 96)
+
+
+def test_max_pixels_caps_images(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (800, 600), (1, 2, 3)).save(path)
+    img = data.load_image(str(path), "x", 560 * 560)
+    assert img.size[0] * img.size[1] <= 560 * 560 and abs(img.size[0] / img.size[1] - 800 / 600) < 0.01
+
+
+def test_generator_is_deterministic(world, tmp_path):
+    other = str(tmp_path / "again")
+    data.make_synthetic(other, seed=0, **SMALL_WORLD)
+    cmp = filecmp.dircmp(world[0], other)
+    def same(c):
+        _, mismatch, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
+        return not mismatch and not errors and not c.left_only and not c.right_only and all(same(s) for s in c.subdirs.values())
+    assert same(cmp)
+    third = str(tmp_path / "seed1")
+    data.make_synthetic(third, seed=1, **SMALL_WORLD)
+    assert open(os.path.join(third, "sft.jsonl")).read() != open(os.path.join(world[0], "sft.jsonl")).read()
+
+
+def test_hard_split_has_more_objects(world):
+    n = [r["extra_info"]["n_objects"] for r in world[1]["eval"]]
+    h = [r["extra_info"]["n_objects"] for r in world[1]["eval_hard"]]
+    assert max(n) < min(h)
+
+
+def test_processor_round_trips_through_autoprocessor(world, processor, tmp_path):
+    from transformers import AutoProcessor
+    processor.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}]
+    t1 = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert t1 == again.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert t1 == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many?<|im_end|>\n<|im_start|>assistant\n"
+    img = Image.new("RGB", (96, 96))
+    a, b = processor(text=[t1], images=[img]), again(text=[t1], images=[img])
+    assert a["input_ids"] == b["input_ids"] and torch.equal(torch.as_tensor(a["pixel_values"]), torch.as_tensor(b["pixel_values"]))
+    text = "<caption>\n- row 1, column 2: red circle\n</caption>"
+    assert again.tokenizer.decode(again.tokenizer(text)["input_ids"]) == text  # byte-level BPE decodes exactly
+
+
+# -----------------------------------------------------------------------------
+# bad input: each case raises DataError naming the file and the record, or is counted under skip_bad
+
+def good_prompt_row(img):
+    return {"prompt": [{"role": "user", "content": "<image>\nHow many?"}], "images": [img],
+            "reward_model": {"ground_truth": "2"}, "extra_info": {"index": 0}}
+
+
+def png(w=8, h=8):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png():
+    """A PNG header claiming 100000 x 100000 pixels (decoding it would need 30 GB)."""
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def write_parquet(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+@pytest.mark.parametrize("case,row_fn,msg", [
+    ("missing prompt", lambda d: {k: v for k, v in good_prompt_row("a.png").items() if k != "prompt"}, "prompt"),
+    ("missing ground truth", lambda d: {**good_prompt_row("a.png"), "reward_model": {"style": "rule"}}, "ground_truth"),
+    ("non-string answer", lambda d: {**good_prompt_row("a.png"), "reward_model": {"ground_truth": 2}}, "must be a string"),
+    ("marker mismatch", lambda d: {**good_prompt_row("a.png"), "images": ["a.png", "a.png"]}, "2 images"),
+    ("empty question", lambda d: {**good_prompt_row("a.png"), "prompt": [{"role": "user", "content": "<image>  "}]},
+     "empty question"),
+    ("bad equivalents", lambda d: {**good_prompt_row("a.png"), "extra_info": {"equivalent_answers": [1]}}, "equivalent"),
+    ("bad image entry", lambda d: {**good_prompt_row(None), "images": [{"bytes": None, "path": None}]}, "bad image entry"),
+])
+def test_bad_parquet_records(tmp_path, case, row_fn, msg):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = str(tmp_path / "d.jsonl")
+    rows = [good_prompt_row("a.png"), row_fn(tmp_path)]
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    with pytest.raises(data.DataError, match=rf"d\.jsonl:1: .*{msg}"):
+        data.read_examples(path, "prompt")
+    exs, skipped = data.read_examples(path, "prompt", skip_bad=True)
+    assert len(exs) == 1 and len(skipped) == 1
+
+
+def test_bad_lines_and_encodings(tmp_path):
+    path = tmp_path / "s.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+                       "images": ["a.png"]}).encode()
+    path.write_bytes(good + b"\n{not json\n" + b'{"messages": "\xff\xfe"}\n' + b"[1, 2]\n" + good + b"\n")
+    with pytest.raises(data.DataError, match=r"s\.jsonl:1: malformed JSON"):
+        data.read_examples(str(path), "sft")
+    exs, skipped = data.read_examples(str(path), "sft", skip_bad=True)
+    assert len(exs) == 2 and len(skipped) == 3
+    assert "s.jsonl:2" in skipped[1] and "UnicodeDecodeError" in skipped[1] and "s.jsonl:3" in skipped[2]
+
+
+def test_missing_columns_in_parquet_and_all_bad(tmp_path):
+    path = str(tmp_path / "x.parquet")
+    write_parquet(path, [{"question": "q"}])
+    with pytest.raises(data.DataError, match=r"x\.parquet:0: missing 'prompt'"):
+        data.read_examples(path, "prompt")
+    with pytest.raises(data.DataError, match="no usable records"):
+        data.read_examples(path, "prompt", skip_bad=True)
+    align_like = str(tmp_path / "y.parquet")
+    write_parquet(align_like, [good_prompt_row("a.png")])
+    with pytest.raises(data.DataError, match="missing 'teacher_caption'"):
+        data.read_examples(align_like, "prompt", require=("teacher_caption",))
+
+
+@pytest.mark.parametrize("kind,content,msg", [
+    ("missing", None, "image not found"),
+    ("empty", b"", "image file is empty"),
+    ("corrupt", b"\x89PNG\r\n\x1a\n garbage", "cannot decode image"),
+    ("bomb", "bomb", "cannot decode image"),
+])
+def test_bad_images_name_the_record(tmp_path, processor, kind, content, msg):
+    img = tmp_path / "i.png"
+    if content is not None:
+        img.write_bytes(bomb_png() if content == "bomb" else content)
+    path = str(tmp_path / "p.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps(good_prompt_row("i.png")) + "\n")
+    exs, _ = data.read_examples(path, "prompt")
+    with pytest.raises(data.DataError, match=rf"p\.jsonl:0: {msg}"):
+        data.render_chat(processor, exs[0])
+
+
+def test_image_bytes_and_relative_paths(tmp_path, processor):
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (64, 32)).save(tmp_path / "sub" / "i.png")
+    dicts, paths = str(tmp_path / "p.parquet"), str(tmp_path / "q.parquet")  # a parquet column holds one type
+    write_parquet(dicts, [good_prompt_row({"bytes": png(), "path": "ignored.png"}),
+                          good_prompt_row({"bytes": None, "path": "sub/i.png"})])
+    write_parquet(paths, [good_prompt_row("sub/i.png")])
+    exs = data.read_examples(dicts, "prompt")[0] + data.read_examples(paths, "prompt")[0]
+    grids = [data.render_chat(processor, ex)["image_grid_thw"].tolist() for ex in exs]
+    assert grids[0] == [[1, 2, 2]] and grids[1] == grids[2] == [[1, 2, 4]]  # 32 x 64 px -> 2 x 4 patches of 16
