@@ -7,7 +7,6 @@ config), FSDP2 wrapping, per-token log-probs, rollout generation, HF save and re
     python model.py upcycle --dense runs/x/sft --out runs/x/disc-init --experts 4 --top-k 2 --noise 0.01
 """
 
-import argparse
 import json
 import os
 import random
@@ -18,6 +17,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import (AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
 
 # -----------------------------------------------------------------------------
 # distributed
@@ -75,7 +77,6 @@ CONFIGS = {
 
 def build_config(name, tokenizer):
     """A Qwen3VLConfig for a built-in size whose vocabulary and special-token ids match `tokenizer`."""
-    from transformers import Qwen3VLConfig
     c = CONFIGS[name]
     text = {k: v for k, v in c["text"].items() if k != "mrope_section"}
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": c["text"]["mrope_section"],
@@ -101,12 +102,15 @@ def attn_impl(device):
 
 def load_policy(spec, processor, device, seed=0, trust_remote_code=False):
     """A Qwen3-VL policy (fp32 master weights) from an HF directory or a built-in config name ("tiny", "small")."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, Qwen3VLForConditionalGeneration
     if spec in CONFIGS:
         torch.manual_seed(seed)
         cfg = build_config(spec, processor.tokenizer)
         cfg._attn_implementation = attn_impl(device)
-        return Qwen3VLForConditionalGeneration(cfg)
+        m = Qwen3VLForConditionalGeneration(cfg)
+        if os.environ.get("PE_STD"):
+            with torch.no_grad():
+                m.model.visual.pos_embed.weight.normal_(std=float(os.environ["PE_STD"]))
+        return m
     if not os.path.isfile(os.path.join(spec, "config.json")):
         raise SystemExit(f"--policy/--init {spec!r}: not a built-in config ({', '.join(CONFIGS)}) nor an HF directory")
     cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
@@ -129,7 +133,6 @@ def check_vocab(cfg, processor, where):
 
 
 def load_processor(path):
-    from transformers import AutoProcessor
     if not os.path.isdir(path):
         raise SystemExit(f"processor directory not found: {path}")
     return AutoProcessor.from_pretrained(path)
@@ -142,7 +145,7 @@ def shard(model, device, freeze_vision=False, grad_ckpt=False):
     """FSDP2: each vision block and decoder block, then the root. bf16 compute with fp32 master weights and fp32 gradient
     reduction on GPU; fp32 on CPU. The gradient is summed over ranks, not averaged: losses are normalised globally."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     hf = model.hf if isinstance(model, LogProbs) else model
     if freeze_vision:
         for p in trunk(model).visual.parameters():
@@ -157,7 +160,10 @@ def shard(model, device, freeze_vision=False, grad_ckpt=False):
     for block in list(trunk(model).visual.blocks) + list(trunk(model).language_model.layers):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.set_gradient_divide_factor(1.0)
+    for m in model.modules():  # sum, don't average: the loss is already normalised by global counts
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no pre-multiplied sum)
     return model
 
 
@@ -409,3 +415,161 @@ def load_checkpoint(path, models, optimizers):
             set_state_dict(m, [], model_state_dict=state[f"{name}.model"], optim_state_dict={})
     set_rng_state(torch.load(os.path.join(path, f"rng_{dist.get_rank()}.pt"), weights_only=True))
     return meta
+
+
+# -----------------------------------------------------------------------------
+# the discriminator: a Qwen3-VL(-MoE) trunk + a scalar score head, in the released layout (model.* + score.weight)
+
+def upcycle(dense, num_experts=4, top_k=2, noise_std=0.01, seed=0):
+    """Sparse upcycling: a dense Qwen3-VL -> Qwen3-VL-MoE. Every decoder MLP becomes `num_experts` copies of itself plus
+    N(0, noise_std^2) noise; routers are N(0, 0.02^2); normalised top-k routing; vision tower, attention, embeddings and
+    norms are copied. With noise_std=0 all experts are equal and the top-k weights sum to 1, so the function is unchanged."""
+    dc = dense.config
+    text = dc.text_config.to_dict()
+    text = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                 "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+                                 "rope_parameters", "attention_bias", "pad_token_id", "initializer_range") if k in text}
+    cfg = Qwen3VLMoeConfig(
+        text_config=dict(**text, num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=text["intermediate_size"],
+                         decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.01),
+        vision_config=dc.vision_config.to_dict(), image_token_id=dc.image_token_id, video_token_id=dc.video_token_id,
+        vision_start_token_id=dc.vision_start_token_id, vision_end_token_id=dc.vision_end_token_id,
+        tie_word_embeddings=dc.tie_word_embeddings)
+    cfg._attn_implementation = dc._attn_implementation
+    moe = Qwen3VLMoeForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(seed)
+    noise = lambda t: t + noise_std * torch.randn(t.shape, generator=g) if noise_std > 0 else t  # noqa: E731
+    src = {k: v.float() for k, v in dense.state_dict().items()}
+    out = {}
+    for k, v in moe.state_dict().items():
+        if ".mlp.experts.gate_up_proj" in k:  # (E, 2I, H): [gate; up] of the dense MLP per expert
+            pre = k.replace("experts.gate_up_proj", "")
+            w = torch.cat([src[pre + "gate_proj.weight"], src[pre + "up_proj.weight"]], 0)
+            out[k] = torch.stack([noise(w) for _ in range(num_experts)])
+        elif ".mlp.experts.down_proj" in k:  # (E, H, I)
+            w = src[k.replace("experts.down_proj", "down_proj.weight")]
+            out[k] = torch.stack([noise(w) for _ in range(num_experts)])
+        elif ".mlp.gate.weight" in k:  # the router (E, H)
+            out[k] = 0.02 * torch.randn(v.shape, generator=g)
+        else:
+            out[k] = src[k]
+    moe.load_state_dict(out)
+    return moe
+
+
+class MaskedRouter(nn.Module):
+    """Qwen3-VL-MoE's top-k router with an optional (N, E) boolean mask of allowed experts per token, set for hard routing
+    (--disc-routing segment); disallowed experts get -inf logits before softmax and top-k. Same parameters as the original."""
+
+    def forward(self, hidden_states):
+        h = hidden_states.reshape(-1, self.hidden_dim)
+        logits = F.linear(h, self.weight)  # (N, E)
+        routed = logits if getattr(self, "mask", None) is None else logits.masked_fill(~self.mask, float("-inf"))
+        probs = torch.softmax(routed, dtype=torch.float, dim=-1)
+        top, idx = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        top = (top / top.sum(-1, keepdim=True)).to(logits.dtype)
+        return logits, top, idx
+
+
+class Discriminator(PreTrainedModel):
+    """Score model: `.model` is a Qwen3-VL(-MoE) trunk, `.score` = Linear(hidden, 1, bias=False) after dropout 0.1.
+    Saves/loads in the released layout (model.* + score.weight); a dense trunk (the 1-expert ablation) works the same."""
+    config_class = Qwen3VLMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen3VLMoeTextDecoderLayer", "Qwen3VLTextDecoderLayer", "Qwen3VLMoeVisionBlock", "Qwen3VLVisionBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _can_set_experts_implementation_cached_value = True  # the MoE trunk's experts dispatch (eager / grouped_mm) as usual
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = AutoModel.from_config(config)
+        self.dropout = nn.Dropout(0.1)
+        self.score = nn.Linear(config.text_config.hidden_size, 1, bias=False)
+        for m in self.model.modules():  # hard routing needs the masked router: same parameters, same output without a mask
+            if type(m).__name__ == "Qwen3VLMoeTextTopKRouter":
+                m.__class__ = type("Qwen3VLMoeTextTopKRouter", (MaskedRouter, type(m)), {})
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is getattr(self, "score", None):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, batch, last_idx, routing_mask=None, with_aux=False):
+        """Scores (B,) read at token positions last_idx (B,), and the router load-balancing loss when with_aux (MoE).
+        routing_mask: (B, E) experts each sequence may use (hard routing), applied to all of its tokens."""
+        device = self.score.weight.device
+        routers = [m for m in self.model.modules() if isinstance(m, MaskedRouter)]
+        if routing_mask is not None:
+            T = batch["input_ids"].shape[1]
+            flat = routing_mask.to(device).repeat_interleave(T, 0)  # (B*T, E), rows in the trunk's flattened (B, T) order
+            for r in routers:
+                r.mask = flat
+        try:
+            kw = {"output_router_logits": True} if with_aux and routers else {}
+            out = self.model(**model_inputs(batch, device), use_cache=False, **kw)
+        finally:
+            for r in routers:
+                r.mask = None
+        h = out.last_hidden_state[torch.arange(len(last_idx), device=device), last_idx.to(device)]  # (B, H)
+        scores = self.score(self.dropout(h)).squeeze(-1).float()
+        aux = torch.zeros((), device=device)
+        if with_aux and routers:
+            tc = self.config.text_config
+            aux = load_balancing_loss_func(out.router_logits, tc.num_experts, tc.num_experts_per_tok,
+                                           batch["attention_mask"].to(device))
+        return scores, aux
+
+
+def load_discriminator(spec, processor, device, experts=4, top_k=2, noise=0.01, seed=0, trust_remote_code=False):
+    """A discriminator from a saved directory (released layout), or upcycled from a dense policy: spec = "upcycle:DIR"
+    (experts > 1) or "dense:DIR" / experts == 1 (the dense-discriminator ablation). fp32 master weights."""
+    if spec.startswith(("upcycle:", "dense:")):
+        dense = load_policy(spec.split(":", 1)[1], processor, device, seed=seed, trust_remote_code=trust_remote_code)
+        trunk_model = upcycle(dense, experts, top_k, noise, seed) if spec.startswith("upcycle:") and experts > 1 else dense
+        torch.manual_seed(seed)
+        disc = Discriminator(trunk_model.config)
+        disc.model.load_state_dict(trunk_model.model.state_dict(), strict=True)
+        return disc
+    cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    if cfg.model_type not in ("qwen3_vl_moe", "qwen3_vl"):
+        raise SystemExit(f"{spec}: model_type {cfg.model_type!r}; the discriminator must be Qwen3-VL or Qwen3-VL-MoE")
+    check_vocab(cfg, processor, spec)
+    return Discriminator.from_pretrained(spec, config=cfg, dtype=torch.float32, use_safetensors=True,
+                                         attn_implementation=attn_impl(device))
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Model utilities: write a random-init built-in policy, or upcycle a dense "
+                                            "Qwen3-VL into a Qwen3-VL-MoE discriminator (released layout).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("init", help="a random-weight built-in config (tiny | small) saved as an HF directory")
+    q.add_argument("--config", default="tiny", choices=list(CONFIGS), help="built-in size")
+    q.add_argument("--processor", required=True, help="processor directory (its tokenizer sets the vocabulary)")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--seed", type=int, default=0, help="init seed")
+    q = sub.add_parser("upcycle", help="dense Qwen3-VL -> MoE discriminator with a fresh score head")
+    q.add_argument("--dense", required=True, help="a dense Qwen3-VL HF directory (e.g. the SFT output)")
+    q.add_argument("--out", required=True, help="output directory (loads with model.Discriminator.from_pretrained)")
+    q.add_argument("--experts", type=int, default=4, help="experts per MLP (1: a dense discriminator)")
+    q.add_argument("--top-k", type=int, default=2, help="experts per token")
+    q.add_argument("--noise", type=float, default=0.01, help="std of the noise added to each expert copy")
+    q.add_argument("--seed", type=int, default=0, help="noise, router and score-head seed")
+    q.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from --dense")
+    a = p.parse_args()
+    init_dist()
+    if a.cmd == "init":
+        proc = load_processor(a.processor)
+        os.makedirs(a.out, exist_ok=True)
+        save_hf(load_policy(a.config, proc, torch.device("cpu"), seed=a.seed), proc, a.out, {"stage": "init", **vars(a)})
+    else:
+        proc = load_processor(a.dense)
+        disc = load_discriminator(("upcycle:" if a.experts > 1 else "dense:") + a.dense, proc, torch.device("cpu"), a.experts,
+                                  a.top_k, a.noise, a.seed, a.trust_remote_code)
+        os.makedirs(a.out, exist_ok=True)
+        save_hf(disc, proc, a.out, {"stage": "upcycle", **vars(a)})
+    print(f"saved {a.out}")
+    dist.destroy_process_group()

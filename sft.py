@@ -153,10 +153,10 @@ if (last := M.latest_checkpoint(ckpt_dir)) is not None:
     start, n_dropped, n_bad = meta["step"], meta["dropped"], meta["bad"]
     M.print0(f"resumed from {last} at step {start}")
 metrics_path = os.path.join(args.out, "metrics.jsonl")
-if rank == 0:  # keep the metrics of the steps before the resume point only
-    old = [line for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+if rank == 0:  # keep the records of the steps done before the resume point (the val loss at `start` is recomputed)
+    old = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
     with open(metrics_path, "w") as f:
-        f.writelines(line for line in old if json.loads(line).get("step", 0) < start)
+        f.writelines(json.dumps(r) + "\n" for r in old if r["step"] < start or (r["step"] == start and "loss" in r))
 wandb = None
 if args.wandb and rank == 0:
     import wandb

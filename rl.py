@@ -1,0 +1,381 @@
+"""
+Stage 3 of PRISM: RL with verifiable rewards. GRPO, DAPO and GSPO side by side; the losses are inline below.
+
+    python rl.py --policy runs/x/align --algo grpo --data data/shapes/rl.parquet --out runs/x/rl
+    torchrun --nproc_per_node 8 rl.py --policy runs/x/align --algo dapo --data rl.parquet --out runs/x/rl-dapo
+
+Reward = verify.reward: 0.2 for the format plus 0.8 for a matching answer (ground truth or an equivalent answer).
+Advantage = (r - mean_group) / (std_group + 1e-6) over the G rollouts of a prompt; each prompt's group lives on one rank.
+With --mini-batches 1 --epochs 1 (the release) the update is exactly on-policy (ratio 1); more make the clip ranges act.
+Re-running the same command resumes from OUT/ckpt. Output: OUT is a plain Hugging Face directory (+ metrics.jsonl).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+import model as M
+import verify
+
+# per-algorithm defaults from the release: clip low / high, dual-clip c, weight decay, lr warm-up
+ALGOS = {
+    "grpo": dict(clip_low=0.2, clip_high=0.2, clip_c=3.0, weight_decay=0.01, warmup_steps=0, warmup_ratio=0.0),
+    "dapo": dict(clip_low=0.2, clip_high=0.28, clip_c=10.0, weight_decay=0.1, warmup_steps=10, warmup_ratio=0.0),
+    "gspo": dict(clip_low=3e-4, clip_high=4e-4, clip_c=None, weight_decay=0.1, warmup_steps=0, warmup_ratio=0.05),
+}
+
+
+def group_advantages(rewards, group_size, eps=1e-6):
+    """GRPO group normalisation: (r - mean) / (std + eps) over each group of `group_size` contiguous rows (unbiased std).
+    A group of one has mean 0 and std 1 (its advantage is its reward). (B,) -> (B,)"""
+    r = rewards.view(-1, group_size).float()
+    if group_size == 1:
+        return r.view(-1).clone()
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, algo, clip_low, clip_high, clip_c=None):
+    """PPO-style clipped surrogate for GRPO / DAPO (per-token ratio, token-mean) and GSPO (sequence ratio, seq-mean-token-mean).
+    logp, old_logp, mask: (B, T) over response tokens; advantages: (B,). Aggregation is local to the given tensors."""
+    mask = mask.float()
+    A = advantages[:, None].float()  # (B, 1), broadcast to every token of the response
+    if algo == "gspo":
+        # sequence ratio s_i = exp(mean_t (logp - old_logp)); its value is used on every token while the gradient flows
+        # through each token's own logp (GSPO-token): d/dθ = s_i * ∇logp_t
+        seq = ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        log_ratio = logp - logp.detach() + seq.detach()[:, None]
+    else:
+        log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio.clamp(max=20.0))  # (B, T); the clamp only guards exp overflow on wild off-policy tokens
+    loss = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high))
+    if clip_c is not None:  # dual-clip: for A < 0, bound the loss by -A * c
+        loss = torch.where(A < 0, torch.minimum(loss, -A * clip_c), loss)
+    if algo == "gspo":  # seq-mean-token-mean
+        return ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return (loss * mask).sum() / mask.sum().clamp(min=1)  # token-mean
+
+
+def overlong_penalty(length, max_len, buffer, factor):
+    """DAPO soft overlong punishment: 0 up to max_len - buffer, then linearly down to -factor at max_len."""
+    return min(0.0, -(length - (max_len - buffer)) / buffer * factor) if buffer > 0 else 0.0
+
+
+def keep_mixed_groups(rewards, group_size):
+    """DAPO dynamic sampling: which groups have rewards that are not all equal. (B,) -> (B // G,) bool"""
+    r = rewards.view(-1, group_size)
+    return (r.max(1).values - r.min(1).values) > 1e-9
+
+
+def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo, clip_low, clip_high, clip_c, mini_batches,
+                  epochs, micro_batch, grad_clip, lr, ref=None, kl_coef=0.0):
+    """The policy update on one rollout batch (also used by align.py): `mini_batches` optimizer steps per epoch, each over
+    this rank's share of the sequences, split into micro-batches. items: join_response dicts; adv: one advantage each.
+    Normalisation is global: a micro-batch's local-mean loss is rescaled by its share of the mini-batch's tokens (GRPO/DAPO)
+    or sequences (GSPO) over all ranks. Every rank runs the same number of forwards (FSDP); a rank short of sequences
+    runs `placeholder` with no supervised token. Returns the step's statistics."""
+    ph = dict(placeholder)
+    ph["labels"] = torch.full_like(ph["input_ids"], -100)  # no loss, no gradient
+    per_mb = math.ceil(len(items) / mini_batches)
+    mbs = [(items[i * per_mb:(i + 1) * per_mb], adv[i * per_mb:(i + 1) * per_mb]) for i in range(mini_batches)]
+    n_micro = int(max(M.all_sum([math.ceil(per_mb / micro_batch)], device)[0], 1))
+
+    def micro(mb_items, mb_adv):
+        for i in range(n_micro):
+            chunk = mb_items[i * micro_batch:(i + 1) * micro_batch]
+            a = mb_adv[i * micro_batch:(i + 1) * micro_batch]
+            yield (data.collate(chunk, pad_id), torch.tensor(a)) if chunk else (data.collate([ph], pad_id), torch.zeros(1))
+
+    # old log-probs: only off-policy updates need them (with one mini-batch and one epoch, old = current, ratio 1)
+    t0 = time.time()
+    on_policy = mini_batches == 1 and epochs == 1
+    old, refs = {}, {}
+    if not on_policy or ref is not None:
+        with torch.no_grad():
+            for j, (mb_items, mb_adv) in enumerate(mbs):
+                for i, (b, _) in enumerate(micro(mb_items, mb_adv)):
+                    if not on_policy:
+                        old[j, i] = policy(b)
+                    if ref is not None:
+                        refs[j, i] = ref(b)
+    t_lp = time.time() - t0
+
+    t1 = time.time()
+    clip_n = tok_n = 0.0
+    gnorms, losses, skipped = [], [], 0
+    for epoch in range(epochs):
+        for j, (mb_items, mb_adv) in enumerate(mbs):
+            n_tok = sum(int((it["labels"] != -100).sum()) for it in mb_items)
+            denom_tok, denom_seq = M.all_sum([n_tok, len(mb_items)], device)
+            loss_sum = 0.0
+            for i, (b, a) in enumerate(micro(mb_items, mb_adv)):
+                logp = policy(b)  # (B, T) response-token log-probs, 0 elsewhere
+                mask = (b["labels"] != -100).to(device)
+                old_lp = old[j, i] if not on_policy else logp.detach()
+                loss = policy_loss(logp, old_lp, a.to(device), mask, algo=algo, clip_low=clip_low, clip_high=clip_high,
+                                   clip_c=clip_c)
+                # policy_loss is a local mean: rescale to this micro-batch's share of the global mean
+                share = mask.sum() / max(denom_tok, 1) if algo != "gspo" else mask.any(1).sum() / max(denom_seq, 1)
+                loss = loss * share
+                if ref is not None:  # k3 estimator of KL(pi || ref), token-mean
+                    d = (refs[j, i] - logp) * mask
+                    loss = loss + kl_coef * ((torch.exp(d) - d - 1) * mask).sum() / max(denom_tok, 1)
+                loss.backward()
+                loss_sum += loss.item()
+                with torch.no_grad():  # clip fraction: tokens whose (token or sequence) ratio is outside the clip range
+                    lr_ = logp - old_lp
+                    if algo == "gspo":
+                        lr_ = ((lr_ * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logp)
+                    ratio = torch.exp(lr_)
+                    clip_n += float((((ratio < 1 - clip_low) | (ratio > 1 + clip_high)) & mask).sum())
+                    tok_n += float(mask.sum())
+            loss_sum = M.all_sum(loss_sum, device)
+            gnorm = M.clip_grad(policy, grad_clip)
+            if not math.isfinite(gnorm) or not math.isfinite(loss_sum):  # global values: every rank agrees
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                M.print0(f"non-finite loss/grad norm ({loss_sum}, {gnorm}): optimizer step skipped")
+                continue
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            gnorms.append(gnorm)
+            losses.append(loss_sum)
+    clip_n, tok_n = M.all_sum([clip_n, tok_n], device)
+    return {"loss": sum(losses) / max(len(losses), 1), "grad_norm": sum(gnorms) / max(len(gnorms), 1),
+            "clip_frac": clip_n / max(tok_n, 1), "t_logprobs": t_lp, "t_update": time.time() - t1, "skipped": skipped}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--policy", required=True, help="the policy HF directory (SFT or alignment output)")
+    p.add_argument("--processor", default=None, help="processor directory (default: the --policy directory)")
+    p.add_argument("--algo", default="grpo", choices=list(ALGOS), help="grpo | dapo | gspo")
+    p.add_argument("--freeze-vision", action="store_true", help="the vision tower gets no gradient")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the --policy directory")
+    # data
+    p.add_argument("--data", required=True, help="RL parquet/JSONL: prompt, images, reward_model.ground_truth")
+    p.add_argument("--eval-data", nargs="*", default=[], help="held-out parquet files for periodic eval.py evaluation")
+    p.add_argument("--max-pixels", type=int, default=560 * 560, help="images are downscaled to at most this many pixels")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+    # rollouts
+    p.add_argument("--prompts", type=int, default=32, help="prompts per step (global); each has --group-size rollouts")
+    p.add_argument("--group-size", type=int, default=16, help="rollouts per prompt (G)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    p.add_argument("--max-new-tokens", type=int, default=8192, help="response length limit in tokens")
+    p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
+    # optimisation
+    p.add_argument("--steps", type=int, default=1500, help="RL steps")
+    p.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant after the warm-up)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: per algorithm)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up steps (default: per algorithm)")
+    p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout batch (1 = on-policy)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over each rollout batch")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward per rank")
+    p.add_argument("--clip-low", type=float, default=None, help="ratio clip below 1 (default: per algorithm)")
+    p.add_argument("--clip-high", type=float, default=None, help="ratio clip above 1 (default: per algorithm)")
+    p.add_argument("--clip-c", type=float, default=None, help="dual-clip constant for A < 0 (default: per algorithm)")
+    p.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL to a frozen reference (loaded only when > 0)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm to this")
+    p.add_argument("--dapo-tries", type=int, default=10, help="DAPO: generation batches to try when filling the step")
+    p.add_argument("--dapo-gen-mult", type=int, default=3, help="DAPO: a refill generates this many times --prompts")
+    p.add_argument("--overlong-buffer", type=int, default=None, help="DAPO: soft overlong buffer (default: half the length)")
+    p.add_argument("--overlong-factor", type=float, default=1.0, help="DAPO: overlong penalty at the length limit")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    # eval / checkpoint / logging
+    p.add_argument("--out", required=True, help="output directory: the HF model, metrics.jsonl, ckpt/")
+    p.add_argument("--eval-every", type=int, default=50, help="eval.py evaluation every N steps (0: only at the end)")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate only the first N examples of each file (0: all)")
+    p.add_argument("--save-every", type=int, default=50, help="resume checkpoint every N steps (0: only at the end)")
+    p.add_argument("--wandb", default=None, help="wandb project name (off when unset)")
+    args = p.parse_args()
+    algo = ALGOS[args.algo]
+    clip_low = algo["clip_low"] if args.clip_low is None else args.clip_low
+    clip_high = algo["clip_high"] if args.clip_high is None else args.clip_high
+    clip_c = algo["clip_c"] if args.clip_c is None else args.clip_c
+    wd = algo["weight_decay"] if args.weight_decay is None else args.weight_decay
+    warmup = args.warmup_steps if args.warmup_steps is not None else algo["warmup_steps"] or int(algo["warmup_ratio"] * args.steps)
+    buffer = args.overlong_buffer if args.overlong_buffer is not None else args.max_new_tokens // 2
+
+    import eval as E  # eval.py's evaluate(), the same function `python eval.py` runs
+    rank, world, device = M.init_dist()
+    M.seed_all(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    processor = M.load_processor(args.processor or args.policy)
+    tok = processor.tokenizer
+    pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    P, G = args.prompts, args.group_size
+    if P % world:
+        raise SystemExit(f"--prompts {P} must be divisible by the world size {world} (each prompt's group lives on one rank)")
+    if P * G % (world * args.mini_batches):
+        raise SystemExit(f"--prompts x --group-size ({P * G}) must split into {world} ranks x {args.mini_batches} mini-batches")
+    P_rank = P // world
+
+    prompts, skipped = data.read_examples(args.data, "prompt", skip_bad=args.skip_bad)
+    if skipped:
+        M.print0(f"skipped {len(skipped)} bad records of {args.data} (first: {skipped[0]})")
+    evals = {os.path.basename(f).rsplit(".", 1)[0]: data.read_examples(f, "prompt", skip_bad=args.skip_bad)[0]
+             for f in args.eval_data}
+    evals = {k: v[:args.eval_limit] if args.eval_limit else v for k, v in evals.items()}
+
+    hf = M.load_policy(args.policy, processor, device, seed=args.seed, trust_remote_code=args.trust_remote_code)
+    infer = M.make_inference_copy(hf, device)  # the generation copy, refreshed from the trained weights every step
+    ref = None
+    if args.kl_coef > 0:  # a frozen reference only when the KL term is on
+        ref = M.shard(M.LogProbs(M.load_policy(args.policy, processor, device)), device)
+        ref.requires_grad_(False)
+    policy = M.shard(M.LogProbs(hf), device, args.freeze_vision, args.grad_ckpt)
+    opt = M.make_optimizer(policy, args.lr, wd)
+    M.print0(f"world {world} | {args.algo}: clip {clip_low}/{clip_high} dual-clip {clip_c} wd {wd} warm-up {warmup} | "
+             f"{P} prompts x {G} rollouts = {P * G} sequences/step ({P_rank * G} per rank) | {args.mini_batches} mini-batches x "
+             f"{args.epochs} epochs | kl {args.kl_coef} | {len(prompts)} prompts, {args.steps} steps")
+
+    def prompt_order(pos):
+        """The prompt index at global position `pos` of the data stream (a seeded permutation per epoch)."""
+        epoch, off = divmod(pos, len(prompts))
+        perm = list(range(len(prompts)))
+        random.Random(args.seed * 1000 + epoch).shuffle(perm)
+        return perm[off]
+
+    def rollout(pos, n_prompts):
+        """Generate G responses for each of this rank's prompts at stream positions [pos, pos + n_prompts * world).
+        Returns a list of groups: (example, prompt encoding, [response ids] * G, rewards (G,), accs, formats)."""
+        mine = [prompts[prompt_order(pos + rank * n_prompts + i)] for i in range(n_prompts)]
+        enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
+        outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
+                          args.top_p, args.gen_batch)
+        groups = []
+        for i, (ex, e) in enumerate(zip(mine, enc)):
+            resp = outs[i * G:(i + 1) * G]
+            rs = [verify.reward(tok.decode(r, skip_special_tokens=True), ex.answer, ex.equivalents) for r in resp]
+            score = torch.tensor([r["score"] for r in rs])
+            if args.algo == "dapo":  # soft overlong punishment on the reward
+                score += torch.tensor([overlong_penalty(len(r), args.max_new_tokens, buffer, args.overlong_factor)
+                                       for r in resp])
+            groups.append((ex, e, resp, score, [r["acc"] for r in rs], [r["format"] for r in rs]))
+        return groups
+
+    def lr_at(step):
+        return args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
+
+    ckpt_dir = os.path.join(args.out, "ckpt")
+    start, pos, bad_in_row, n_skipped_steps = 0, 0, 0, 0
+    if (last := M.latest_checkpoint(ckpt_dir)) is not None:
+        meta = M.load_checkpoint(last, {"policy": policy}, {"policy": opt})
+        start, pos, n_skipped_steps = meta["step"], meta["pos"], meta["skipped_steps"]
+        M.print0(f"resumed from {last} at step {start}")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if rank == 0:  # keep the records of the steps done before the resume point (the eval at `start` is recomputed)
+        old = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in old if r["step"] < start or (r["step"] == start and "reward" in r))
+    wandb = None
+    if args.wandb and rank == 0:
+        import wandb
+        wandb.init(project=args.wandb, config=vars(args))
+
+    def log(rec):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if wandb:
+                wandb.log(rec, step=rec["step"])
+
+    for step in range(start, args.steps + 1):
+        last_step = step == args.steps
+        M.sync_weights(policy, infer)  # gather the trained weights once for this step's rollouts (and eval)
+        if evals and (last_step or (args.eval_every and step % args.eval_every == 0)):
+            for name, exs in evals.items():
+                r = E.evaluate(infer, processor, exs, device, max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
+                               desc=f"eval {name}")
+                M.print0(f"step {step:05d}/{args.steps:05d} | eval {name} | acc {r['acc']:.3f} | format {r['format']:.3f} | "
+                         f"len {r['length']:.1f}")
+                log({"step": step, f"eval_{name}_acc": r["acc"], f"eval_{name}_format": r["format"],
+                     f"eval_{name}_length": r["length"]})
+        if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
+            M.save_checkpoint(ckpt_dir, step, {"policy": policy}, {"policy": opt},
+                              {"pos": pos, "skipped_steps": n_skipped_steps})
+        if last_step:
+            break
+
+        # ---- rollouts ------------------------------------------------------------------------------------------
+        t0 = time.time()
+        torch.manual_seed(args.seed * 100003 + step * 101 + rank)  # sampling noise: a function of (seed, step, rank)
+        groups = rollout(pos, P_rank)
+        pos += P
+        n_gen = len(groups)
+        if args.algo == "dapo":
+            # dynamic sampling: keep groups whose rewards differ; refill from new generation batches until the step holds
+            # P groups over all ranks (or the tries run out). The counts are all-reduced so every rank decides the same.
+            kept = [g for g in groups if keep_mixed_groups(g[3], G)[0]]
+            for _ in range(args.dapo_tries - 1):
+                if M.all_sum(len(kept), device) >= P:
+                    break
+                more = rollout(pos, P_rank * args.dapo_gen_mult)
+                pos += P * args.dapo_gen_mult
+                n_gen += len(more)
+                kept += [g for g in more if keep_mixed_groups(g[3], G)[0]]
+            counts = [0] * world
+            dist.all_gather_object(counts, len(kept))
+            quota = max(0, min(len(kept), P - sum(counts[:rank])))  # fill P groups in rank order
+            n_gen_all = M.all_sum(n_gen, device)
+            kept_ratio = sum(counts) / n_gen_all
+            all_groups, groups = groups, kept[:quota]
+        else:
+            all_groups, kept_ratio = groups, 1.0
+        t_gen = time.time() - t0
+
+        # ---- batch, advantages ---------------------------------------------------------------------------------
+        items, adv = [], []
+        for ex, e, resp, score, _, _ in groups:
+            a = group_advantages(score, G)  # (G,)
+            for r, ai in zip(resp, a):
+                items.append(M.join_response(e, r))
+                adv.append(float(ai))
+        stats = [(s, acc, fmt, len(r)) for _, _, resp, score, accs, fmts in all_groups
+                 for s, acc, fmt, r in zip(score.tolist(), accs, fmts, resp)]
+        n_seq = M.all_sum(len(items), device)
+        if n_seq == 0:  # nothing to learn from anywhere (DAPO found no mixed group): skip the update on every rank
+            M.print0(f"step {step + 1:05d}/{args.steps:05d} | no group with mixed rewards: update skipped")
+            n_skipped_steps += 1
+            continue
+        placeholder = items[0] if items else M.join_response(data.render_chat(processor, prompts[0]), [pad_id])
+        up = update_policy(policy, opt, items, adv, placeholder, pad_id, device, algo=args.algo, clip_low=clip_low,
+                           clip_high=clip_high, clip_c=clip_c, mini_batches=args.mini_batches, epochs=args.epochs,
+                           micro_batch=args.micro_batch, grad_clip=args.grad_clip, lr=lr_at(step), ref=ref,
+                           kl_coef=args.kl_coef)
+        n_skipped_steps += up["skipped"]
+        bad_in_row = bad_in_row + up["skipped"] if up["skipped"] else 0
+        if bad_in_row >= args.max_bad_steps:
+            raise SystemExit(f"{bad_in_row} non-finite updates in a row: stopping. Lower --lr or check the data.")
+
+        # ---- log -----------------------------------------------------------------------------------------------
+        s = torch.tensor(stats, dtype=torch.float64) if stats else torch.zeros(0, 4, dtype=torch.float64)
+        tot = M.all_sum([float(s[:, 0].sum()), float(s[:, 1].sum()), float(s[:, 2].sum()), float(s[:, 3].sum()), len(s)],
+                        device)
+        mx = torch.tensor([float(s[:, 3].max()) if len(s) else 0.0], device=device)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        n = max(tot[4], 1)
+        rec = {"step": step + 1, "reward": tot[0] / n, "acc": tot[1] / n, "format": tot[2] / n, "len_mean": tot[3] / n,
+               "len_max": mx.item(), "kept_ratio": kept_ratio, "t_gen": t_gen, **up, "lr": lr_at(step),
+               "skipped_steps": n_skipped_steps}
+        log(rec)
+        M.print0(f"step {step + 1:05d}/{args.steps:05d} | reward {rec['reward']:.3f} | acc {rec['acc']:.3f} | "
+                 f"format {rec['format']:.3f} | len {rec['len_mean']:.0f}/{rec['len_max']:.0f} | clip {rec['clip_frac']:.3f} | "
+                 f"kept {kept_ratio:.2f} | gnorm {rec['grad_norm']:.3f} | gen {t_gen:.1f}s lp {up['t_logprobs']:.1f}s "
+                 f"upd {up['t_update']:.1f}s")
+
+    M.save_hf(policy, processor, args.out, {"stage": f"rl-{args.algo}", **vars(args), "skipped_steps": n_skipped_steps})
+    M.print0(f"saved {args.out}")
+    dist.destroy_process_group()
