@@ -468,7 +468,7 @@ if __name__ == "__main__":
                         loss = discriminator_loss(t_, s_, t_, s_, v, 2 * args.score_reg, denom=n_pairs)[0] / 2 \
                             if rows else torch.zeros((), device=device)
                     (loss + tie).backward()
-                    d_loss += float(loss)
+                    d_loss += loss.item()
                     wins += (s4[..., 0] > s4[..., 1]).float().sum(0).cpu()
                 tot = M.all_sum([d_loss, *wins.tolist()], device)
                 dm = {"d_loss": tot[0], "cap_acc": tot[1] / n_pairs, "cot_acc": tot[-1] / n_pairs}

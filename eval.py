@@ -5,6 +5,7 @@ distance to the supervision's distribution when the data holds teacher text.
 
     python eval.py --model runs/x/sft --data data/shapes/eval.parquet data/shapes/eval_hard.parquet --out runs/x/sft/eval.json
     torchrun --nproc_per_node 8 eval.py --model runs/x/rl --data mathvista_testmini.parquet --samples 8
+    python eval.py --report runs/x          # runs/x/report.md from the stages' eval.json and metrics.jsonl
 
 Data: any parquet/JSONL in the RL format (prompt, images, reward_model.ground_truth, optional extra_info.equivalent_answers).
 """
@@ -51,8 +52,9 @@ def drift(texts, teacher_texts):
     out = {"caption_items": sum(cap) / max(len(cap), 1), "reasoning_steps": sum(cot) / max(len(cot), 1),
            "caption_hist": cap, "steps_hist": cot}
     if teacher_texts:
-        out["w1_caption_items"] = wasserstein1(cap, [caption_items(t) for t in teacher_texts])
-        out["w1_reasoning_steps"] = wasserstein1(cot, [reasoning_steps(t) for t in teacher_texts])
+        tcap, tcot = [caption_items(t) for t in teacher_texts], [reasoning_steps(t) for t in teacher_texts]
+        out.update(w1_caption_items=wasserstein1(cap, tcap), w1_reasoning_steps=wasserstein1(cot, tcot),
+                   teacher_caption_hist=tcap, teacher_steps_hist=tcot)
     return out
 
 
@@ -104,6 +106,89 @@ def table(results):
     return "\n".join(lines)
 
 
+def write_report(run):
+    """RUN/report.md: one row per stage found under RUN (base, SFT, SFT + align, SFT + RL, SFT + align + RL), with accuracy
+    on the held-out and hard splits, format rate, length and drift distances; PNG figures when matplotlib is installed."""
+    names = sorted(os.listdir(run))
+    algo = next((n.split("-rl-")[1] for n in names if n.startswith("sft-rl-")), None)
+    stages = [("base", "base"), ("sft", "SFT"), ("align", "SFT + align (PRISM)")]
+    if algo:
+        stages += [(f"sft-rl-{algo}", f"SFT + RL ({algo})"), (f"align-rl-{algo}", f"SFT + align + RL ({algo})")]
+    res = {}
+    for d, label in stages:
+        path = os.path.join(run, d, "eval.json")
+        if os.path.isfile(path):
+            res[label] = (d, json.load(open(path))["results"])
+    if not res:
+        raise SystemExit(f"{run}: no stage has an eval.json (run eval.py on the stage outputs first)")
+    f = lambda r, k: f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-"  # noqa: E731
+    lines = [f"# PRISM run report: `{run}`", "",
+             "Accuracy is greedy decoding scored by verify.py; W1 = Wasserstein-1 distance of the structure statistics "
+             "(bullet items per caption, reasoning steps per response) to the teacher demonstrations' distribution "
+             "(lower = closer to the supervision).", "",
+             "| stage | acc (held-out) | acc (hard) | format-valid | mean length (tokens) | W1 caption items | W1 reasoning steps |",
+             "|---|---|---|---|---|---|---|"]
+    for label, (_, r) in res.items():
+        e, h = r.get("eval", {}), r.get("eval_hard", {})
+        lines.append(f"| {label} | {f(e, 'acc')} | {f(h, 'acc')} | {f(e, 'format')} | {f(e, 'length')} | "
+                     f"{f(e, 'w1_caption_items')} | {f(e, 'w1_reasoning_steps')} |")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+        lines += ["", "(matplotlib is not installed: tables only)"]
+    if plt is not None:
+        figs = []
+        # RL curves, both arms
+        arms = [(d, label) for label, (d, _) in res.items() if "-rl-" in d]
+        if arms:
+            fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+            for d, label in arms:
+                m = [json.loads(x) for x in open(os.path.join(run, d, "metrics.jsonl")) if '"reward"' in x]
+                ax[0].plot([x["step"] for x in m], [x["reward"] for x in m], label=label)
+                ax[1].plot([x["step"] for x in m], [x["acc"] for x in m], label=label)
+            ax[0].set(title="RL reward (training rollouts)", xlabel="step")
+            ax[1].set(title="RL accuracy (training rollouts)", xlabel="step")
+            ax[0].legend()
+            figs.append(("rl_curves.png", fig))
+        # the alignment score gap per channel (the paper's training-curve figure)
+        mpath = os.path.join(run, "align", "metrics.jsonl")
+        if os.path.isfile(mpath):
+            m = [json.loads(x) for x in open(mpath) if '"gap_cap"' in x]
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot([x["step"] for x in m], [x["gap_cap"] for x in m], label="perception (caption)")
+            ax.plot([x["step"] for x in m], [x["gap_cot"] for x in m], label="reasoning")
+            ax.set(title="score gap: teacher - policy", xlabel="alignment step")
+            ax.legend()
+            figs.append(("align_gap.png", fig))
+        # drift histograms per stage, with the teacher's distribution
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+        teacher = next((r["eval"] for _, r in res.values() if "teacher_caption_hist" in r.get("eval", {})), None)
+        for label, (_, r) in list(res.items()) + ([("teacher", (None, {"eval": {
+                "caption_hist": teacher["teacher_caption_hist"], "steps_hist": teacher["teacher_steps_hist"]}}))]
+                                                  if teacher else []):
+            for a, key in zip(ax, ("caption_hist", "steps_hist")):
+                vals = r.get("eval", {}).get(key) or []
+                if vals:
+                    xs = sorted(set(vals))
+                    a.plot(xs, [vals.count(x) / len(vals) for x in xs], marker="o", label=label)
+        ax[0].set(title="bullet items per caption", ylabel="share of responses")
+        ax[1].set(title="reasoning steps per response")
+        ax[0].legend(fontsize=7)
+        figs.append(("drift.png", fig))
+        lines.append("")
+        for name, fig in figs:
+            fig.tight_layout()
+            fig.savefig(os.path.join(run, name), dpi=100)
+            plt.close(fig)
+            lines.append(f"![{name}]({name})")
+    with open(os.path.join(run, "report.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="an HF directory (a stage output), or a built-in config name for an untrained baseline")
@@ -119,10 +204,14 @@ if __name__ == "__main__":
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the --model directory")
+    p.add_argument("--report", default=None, help="RUN_DIR: write RUN_DIR/report.md from its stages' eval.json and metrics")
     args = p.parse_args()
+    if args.report:
+        print(write_report(args.report))
+        raise SystemExit(0)
 
     if not args.model or not args.data:
-        p.error("--model and --data are required")
+        p.error("--model and --data are required (or --report RUN_DIR)")
     rank, world, device = M.init_dist()
     M.seed_all(args.seed + rank)
     processor = M.load_processor(args.processor or args.model)

@@ -106,11 +106,7 @@ def load_policy(spec, processor, device, seed=0, trust_remote_code=False):
         torch.manual_seed(seed)
         cfg = build_config(spec, processor.tokenizer)
         cfg._attn_implementation = attn_impl(device)
-        m = Qwen3VLForConditionalGeneration(cfg)
-        if os.environ.get("PE_STD"):
-            with torch.no_grad():
-                m.model.visual.pos_embed.weight.normal_(std=float(os.environ["PE_STD"]))
-        return m
+        return Qwen3VLForConditionalGeneration(cfg)
     if not os.path.isfile(os.path.join(spec, "config.json")):
         raise SystemExit(f"--policy/--init {spec!r}: not a built-in config ({', '.join(CONFIGS)}) nor an HF directory")
     cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
@@ -201,7 +197,16 @@ def model_inputs(batch, device):
 
 def hidden_states(model, batch, device):
     """Last hidden states (B, T, H) of the trunk, with the processor's M-RoPE positions (computed from mm_token_type_ids)."""
-    return trunk(model)(**model_inputs(batch, device), use_cache=False).last_hidden_state
+    t = trunk(model)
+    h = t(**model_inputs(batch, device), use_cache=False).last_hidden_state
+    if "pixel_values" not in batch:
+        # a batch without images: run the vision tower on one blank 2x2-patch image and add 0 x its outputs, so that under
+        # FSDP this rank joins the vision blocks' collectives and gets (zero) gradients like the ranks that have images
+        vc = t.visual.config
+        pix = torch.zeros(4, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, device=device)
+        out = t.visual(pix.to(t.visual.dtype), grid_thw=torch.tensor([[1, 2, 2]], device=device))
+        h = h + 0.0 * (out.pooler_output.sum() + sum(d.sum() for d in out.deepstack_features))
+    return h
 
 
 def chunk_logprobs(h, weight, targets):
@@ -222,6 +227,9 @@ def token_logprobs(model, batch, device, chunk=2048):
     idx = (tgt != -100).nonzero(as_tuple=True)  # rows with a target
     hs, ts = h[idx], tgt[idx]  # (N, H), (N,)
     w = model.lm_head.weight
+    if len(ts) == 0:  # nothing supervised (a placeholder): keep the output layer in the graph, as on the other ranks
+        tie = 0.0 * chunk_logprobs(h[0, :1], w, ts.new_zeros(1)).sum()
+        return torch.zeros(labels.shape, dtype=torch.float32, device=device) + tie
     parts = [checkpoint(chunk_logprobs, hs[i:i + chunk], w, ts[i:i + chunk], use_reentrant=False) if torch.is_grad_enabled()
              else chunk_logprobs(hs[i:i + chunk], w, ts[i:i + chunk]) for i in range(0, len(ts), chunk)]
     lp = torch.zeros(labels.shape, dtype=torch.float32, device=device)
@@ -290,12 +298,15 @@ def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0,
     Runs on the plain inference copy: no collectives, so ranks that finish early never hang the others."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    # special tokens other than the end of turn are never sampled: a stray <|image_pad|> in a response would break the
+    # image-token count of every later forward over it
+    banned = sorted(i for i, t in tokenizer.added_tokens_decoder.items() if t.special and i != eos)
     out = []
     for i in range(0, len(prompts), batch_size):
         batch = left_pad(prompts[i:i + batch_size], pad)
         kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         seqs = infer.generate(**model_inputs(batch, device), max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              pad_token_id=pad, top_k=None, **kw)
+                              pad_token_id=pad, top_k=None, suppress_tokens=banned, **kw)
         for row in seqs[:, batch["input_ids"].shape[1]:].tolist():
             out.append(row[:row.index(eos) + 1] if eos in row else row)
     return out

@@ -23,3 +23,13 @@ def world(tmp_path_factory):
 def processor(world):
     from transformers import AutoProcessor
     return AutoProcessor.from_pretrained(os.path.join(world[0], "processor"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(world, tmp_path_factory):
+    """(a random tiny policy HF dir, a 4-expert discriminator upcycled from it) written by `python model.py`."""
+    from helpers import script
+    base = str(tmp_path_factory.mktemp("tiny"))
+    script("model.py", "init", "--config", "tiny", "--processor", os.path.join(world[0], "processor"), "--out", base + "/policy")
+    script("model.py", "upcycle", "--dense", base + "/policy", "--out", base + "/disc")
+    return base + "/policy", base + "/disc"

@@ -229,3 +229,31 @@ def test_text_only_passes_no_pixels(world, processor, dense):
         assert calls == [1]
     it = data.render_chat(processor, exs[0], seg, with_images=False)
     assert "pixel_values" not in it and processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") not in it["input_ids"]
+
+
+# -----------------------------------------------------------------------------
+# the game under data parallelism: ranks whose rollouts are all invalid must not hang the others
+
+@pytest.mark.parametrize("mode", ["rank0-valid", "none-valid"])
+def test_two_process_game_with_invalid_ranks(world, tiny_dirs, tmp_path, mode):
+    from helpers import ENV, ROOT, metrics
+    import subprocess
+    import sys
+    policy, disc = tiny_dirs
+    out = str(tmp_path / "align")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "patched.py"), "align.py", "--policy", policy, "--disc", disc,
+           "--data", os.path.join(world[0], "align.parquet"), "--out", out, "--prompts", "2", "--group-size", "3",
+           "--steps", "2", "--max-new-tokens", "16", "--lr", "1e-4", "--disc-lr", "1e-4", "--disc-micro", "4",
+           "--micro-batch", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, env={**ENV, "PATCH_GENERATE": mode}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    recs = [m for m in metrics(out) if "valid" in m]
+    assert len(recs) == 2
+    for m in recs:
+        assert m["valid"] == (0.5 if mode == "rank0-valid" else 0.0)
+        assert math.isfinite(m["d_loss"])
+        if mode == "none-valid":  # the fallback loss ran: no pair accuracy
+            assert math.isnan(m["cap_acc"])
+    assert os.path.isfile(os.path.join(out, "disc", "model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
