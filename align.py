@@ -446,40 +446,45 @@ if __name__ == "__main__":
         n_pairs = M.all_sum(len(vi), device)
         d_loss, dm = 0.0, {}
         for _ in range(args.disc_updates_per_step):
+            # the teacher's segments are scored once per prompt (with grad); the loss is a sum over (teacher, rollout)
+            # pairs, so each student micro-batch backpropagates its own terms against a detached copy of the teacher
+            # scores, whose accumulated gradient then flows through the teacher forward in one backward at the end
+            t_sc, _, t_tie = score([ex for ex in mine for _ in range(nch)], [s for t in teach for s in t],
+                                   channels * len(mine), pad, grad=True)
+            t_sc = t_sc.view(-1, nch)  # (P_rank, channels)
             if n_pairs > 0:
-                # micro-batches of pairs; each re-scores its prompt's teacher segments, so the loss splits exactly by pair
-                per = max(1, args.disc_micro // (2 * nch))
+                t_leaf = t_sc.detach().requires_grad_(True)
+                per = max(1, args.disc_micro // nch)
                 chunks = [vi[k:k + per] for k in range(0, len(vi), per)]
                 n_chunks = int(max(M.all_sum([len(chunks)], device)[0], 1))
                 d_loss, wins = 0.0, torch.zeros(nch)
                 for k in range(n_chunks):  # the same count on every rank; a rank out of pairs scores `pad` only
                     rows = chunks[k] if k < len(chunks) else []
-                    exs_k = [ex_of(i) for i in rows for _ in range(2 * nch)]
-                    sg_k = [s for i in rows for c in range(nch) for s in (teach[i // G][c], segs[i][c])]
-                    s4, _, tie = score(exs_k, sg_k, [channels[c] for _ in rows for c in range(nch) for _ in (0, 1)], pad,
-                                       grad=True)
-                    s4 = s4.view(len(rows), nch, 2)  # (pairs, channels, teacher/student)
+                    s_sc, _, tie = score([ex_of(i) for i in rows for _ in range(nch)], [s for i in rows for s in segs[i][:nch]],
+                                         channels * len(rows), pad, grad=True)
+                    s_sc = s_sc.view(-1, nch)  # (pairs, channels)
+                    t_rows = t_leaf[[i // G for i in rows]]  # (pairs, channels): each pair's teacher score
                     v = torch.ones(len(rows), dtype=torch.bool, device=device)
-                    if mode == "split":
-                        loss, _ = discriminator_loss(s4[:, 0, 0], s4[:, 0, 1], s4[:, 1, 0], s4[:, 1, 1], v, args.score_reg,
+                    if not rows:
+                        loss = torch.zeros((), device=device)
+                    elif mode == "split":
+                        loss, _ = discriminator_loss(t_rows[:, 0], s_sc[:, 0], t_rows[:, 1], s_sc[:, 1], v, args.score_reg,
                                                      denom=n_pairs)
                     else:  # one channel: pass it twice with twice the regulariser and halve -> one BT term, mean(s^2)
-                        t_, s_ = s4[:, 0, 0], s4[:, 0, 1]
-                        loss = discriminator_loss(t_, s_, t_, s_, v, 2 * args.score_reg, denom=n_pairs)[0] / 2 \
-                            if rows else torch.zeros((), device=device)
+                        loss = discriminator_loss(t_rows[:, 0], s_sc[:, 0], t_rows[:, 0], s_sc[:, 0], v,
+                                                  2 * args.score_reg, denom=n_pairs)[0] / 2
                     (loss + tie).backward()
                     d_loss += loss.item()
-                    wins += (s4[..., 0] > s4[..., 1]).float().sum(0).cpu()
+                    wins += (t_rows > s_sc).float().sum(0).detach().cpu()
+                grad_t = t_leaf.grad if t_leaf.grad is not None else torch.zeros_like(t_sc)
+                ((t_sc * grad_t).sum() + t_tie).backward()  # the teacher side of every pair, in one backward
                 tot = M.all_sum([d_loss, *wins.tolist()], device)
                 dm = {"d_loss": tot[0], "cap_acc": tot[1] / n_pairs, "cot_acc": tot[-1] / n_pairs}
             else:  # no valid rollout on any rank: the fallback loss on the teacher scores (mean over ranks)
-                exs_t = [ex for ex in mine for _ in range(nch)]
-                s2, _, tie = score(exs_t, [s for t in teach for s in t], channels * len(mine), pad, grad=True)
-                s2 = s2.view(-1, nch)
-                loss, _ = discriminator_loss(s2[:, 0], s2[:, 0], s2[:, -1], s2[:, -1], torch.zeros(len(mine), dtype=torch.bool),
-                                             args.score_reg, denom=0)
-                (loss / world + tie).backward()
-                dm = {"d_loss": M.all_sum(float(loss), device) / world, "cap_acc": float("nan"), "cot_acc": float("nan")}
+                loss, _ = discriminator_loss(t_sc[:, 0], t_sc[:, 0], t_sc[:, -1], t_sc[:, -1],
+                                             torch.zeros(len(mine), dtype=torch.bool), args.score_reg, denom=0)
+                (loss / world + t_tie).backward()
+                dm = {"d_loss": M.all_sum(loss.item(), device) / world, "cap_acc": float("nan"), "cot_acc": float("nan")}
             gnorm_d = M.clip_grad(disc, args.grad_clip)
             if math.isfinite(gnorm_d):
                 opt_d.step()

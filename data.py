@@ -22,9 +22,8 @@ import torch
 from PIL import Image, ImageDraw
 
 SYSTEM_PROMPT = (
-    "You are a careful scientific assistant. Look at the image and answer the question. Reply in exactly three blocks: "
-    "<caption> bullet points that describe the image: its style, the key objects with their positions, any text </caption> "
-    "<think> your reasoning, one step per line </think> <answer> the final answer only </answer>"
+    "You are a scientific assistant. Answer about the image in exactly three blocks: <caption> bullet points on its "
+    "style, key objects and text </caption> <think> step-by-step reasoning </think> <answer> the final answer only </answer>"
 )
 IMAGE_MARKER = "<image>"
 

@@ -62,7 +62,10 @@ def seed_all(seed):
 # -----------------------------------------------------------------------------
 # configurations and loading
 
-# built-in Qwen3-VL sizes (random init): tiny runs the whole pipeline on 2 CPU cores in minutes, small on one GPU in minutes
+# built-in Qwen3-VL sizes (random init): tiny runs the whole pipeline on 2 CPU cores in minutes, small on one GPU in minutes;
+# 2b / 4b / 8b are the real architectures (151,936-token vocabulary), for benchmarks only
+VISION_2B = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, num_position_embeddings=2304,
+                 deepstack_visual_indexes=[5, 11, 17])
 CONFIGS = {
     "tiny": dict(text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=32, mrope_section=[8, 4, 4]),
@@ -72,6 +75,15 @@ CONFIGS = {
                             num_key_value_heads=4, head_dim=64, mrope_section=[16, 8, 8]),
                   vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, num_position_embeddings=256,
                               deepstack_visual_indexes=[1, 3])),
+    "2b": dict(vocab=151936, text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                                       num_key_value_heads=8, head_dim=128, mrope_section=[24, 20, 20]), vision=VISION_2B),
+    "4b": dict(vocab=151936, text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                                       num_key_value_heads=8, head_dim=128, mrope_section=[24, 20, 20]), vision=VISION_2B),
+    "8b": dict(vocab=151936, tied=False, text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                                   mrope_section=[24, 20, 20]),
+               vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
+                           deepstack_visual_indexes=[8, 16, 24])),
 }
 
 
@@ -79,15 +91,15 @@ def build_config(name, tokenizer):
     """A Qwen3VLConfig for a built-in size whose vocabulary and special-token ids match `tokenizer`."""
     c = CONFIGS[name]
     text = {k: v for k, v in c["text"].items() if k != "mrope_section"}
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": c["text"]["mrope_section"],
-                               "mrope_interleaved": True}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6 if "vocab" in c else 1e4,
+                               "mrope_section": c["text"]["mrope_section"], "mrope_interleaved": True}
     ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"), ("video_token_id",
            "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    return Qwen3VLConfig(text_config=dict(vocab_size=len(tokenizer), pad_token_id=pad, **text),
+    return Qwen3VLConfig(text_config=dict(vocab_size=c.get("vocab", len(tokenizer)), pad_token_id=pad, **text),
                          vision_config=dict(out_hidden_size=text["hidden_size"], patch_size=16, spatial_merge_size=2,
                                             temporal_patch_size=2, **c["vision"]),
-                         tie_word_embeddings=True, **ids)
+                         tie_word_embeddings=c.get("tied", True), **ids)
 
 
 def attn_impl(device):
@@ -346,7 +358,7 @@ def save_hf(model, processor, out, run_config):
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "run_config.json"), "w") as f:
             json.dump(run_config, f, indent=2, default=str)
-        for name in os.listdir(tmp):
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "run_config.json"):  # run_config.json last: "complete"
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
         os.rmdir(tmp)
     dist.barrier()

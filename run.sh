@@ -29,7 +29,7 @@ elif [ "$GPU" = 1 ]; then
   SFT_STEPS=1500; WARM_EPOCHS=1; ALIGN_STEPS=100; RL_STEPS=100; EVAL_N=500; G=8; P=16
 else
   DATA_ARGS=""
-  SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=100; G=8; P=8
+  SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=100; G=8; P=4
 fi
 P=$(( (P + NPROC - 1) / NPROC * NPROC ))  # prompts per step: a multiple of the process count
 
@@ -47,7 +47,7 @@ done_ "$RUN/base" || python model.py init --config "$CONFIG" --processor "$DATA/
 
 say "stage 1: SFT -> $RUN/sft"
 done_ "$RUN/sft" || launch sft.py --init "$RUN/base" --data "$DATA/sft.jsonl" --out "$RUN/sft" --steps "$SFT_STEPS" \
-  --batch-size 16 --micro-batch 16 --lr 2e-3 --warmup-ratio 0.05 --eval-every 100 --save-every 100 --seed "$SEED" \
+  --batch-size 16 --micro-batch 16 --lr 3e-4 --warmup-ratio 0.05 --eval-every 100 --save-every 100 --seed "$SEED" \
   --max-len 1024
 
 say "discriminator: upcycle the SFT policy to 4 experts + warm-up -> $RUN/disc"
@@ -57,13 +57,13 @@ done_ "$RUN/disc" || launch align.py --warmup-only --disc "upcycle:$RUN/sft" --w
 
 say "stage 2: alignment -> $RUN/align"
 done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --data "$DATA/align.parquet" \
-  --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr 2e-5 \
-  --disc-lr 2e-5 --save-every 10 --seed "$SEED"
+  --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr 1e-4 \
+  --disc-lr 1e-4 --save-every 10 --seed "$SEED"
 
 for FROM in sft align; do
   say "stage 3: RL ($ALGO) from $FROM -> $RUN/$FROM-rl-$ALGO"
   done_ "$RUN/$FROM-rl-$ALGO" || launch rl.py --policy "$RUN/$FROM" --algo "$ALGO" --data "$DATA/rl.parquet" \
-    --out "$RUN/$FROM-rl-$ALGO" --steps "$RL_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr 2e-5 \
+    --out "$RUN/$FROM-rl-$ALGO" --steps "$RL_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr 1e-4 \
     --save-every 10 --eval-every 0 --seed "$SEED"
 done
 

@@ -1,0 +1,30 @@
+"""run.sh QUICK=1 end to end in a temp dir: every stage runs, and the report holds every row with finite numbers.
+A second run of the same command resumes: every stage is found complete and nothing is recomputed."""
+
+import math
+import os
+import re
+import subprocess
+
+from helpers import ENV, ROOT
+
+
+def test_quick_pipeline_report(tmp_path):
+    env = {**ENV, "QUICK": "1", "RUN": str(tmp_path / "run"), "DATA": str(tmp_path / "data"), "NPROC": "1"}
+    r = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    report = open(tmp_path / "run" / "report.md").read()
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0] and not cells[0].startswith("-") and cells[0] != "stage":
+            rows[cells[0]] = cells[1:]
+    assert list(rows) == ["base", "SFT", "SFT + align (PRISM)", "SFT + RL (grpo)", "SFT + align + RL (grpo)"]
+    for name, vals in rows.items():
+        for v in vals:
+            assert re.fullmatch(r"-?\d+\.\d+", v) and math.isfinite(float(v)), (name, vals)
+    # the same command again: all stages are complete, so it only rewrites the report
+    mtimes = {d: os.path.getmtime(tmp_path / "run" / d / "model.safetensors") for d in ("sft", "align")}
+    r2 = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert {d: os.path.getmtime(tmp_path / "run" / d / "model.safetensors") for d in mtimes} == mtimes
