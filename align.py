@@ -513,7 +513,7 @@ if __name__ == "__main__":
         rec = {"step": step + 1, **dm, "teacher_cap": mean(tot[0], tot[1]), "teacher_cot": mean(tot[2], tot[3]),
                "student_cap": mean(tot[4], tot[5]), "student_cot": mean(tot[6], tot[7]), "valid": tot[8] / tot[9],
                "length": tot[10] / tot[9], "disc_grad_norm": gnorm_d, "grad_norm": up["grad_norm"],
-               "t_gen": t_gen, "t_score": t_score, "t_disc": t_disc, "t_policy": up["t_update"]}
+               "t_gen": t_gen, "t_score": t_score, "t_disc": t_disc, "t_policy": up["t_update"], "mem_gb": M.peak_mem_gb()}
         rec["gap_cap"], rec["gap_cot"] = rec["teacher_cap"] - rec["student_cap"], rec["teacher_cot"] - rec["student_cot"]
         log(rec)
         M.print0(f"step {step + 1:05d}/{args.steps:05d} | d_loss {rec.get('d_loss', float('nan')):.4f} | "

@@ -54,6 +54,11 @@ def all_sum(x, device):
     return t.tolist()
 
 
+def peak_mem_gb():
+    """Peak GPU memory allocated by this process so far, in GB (0 on CPU)."""
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+
+
 def seed_all(seed):
     random.seed(seed)
     torch.manual_seed(seed)

@@ -369,7 +369,7 @@ if __name__ == "__main__":
         n = max(tot[4], 1)
         rec = {"step": step + 1, "reward": tot[0] / n, "acc": tot[1] / n, "format": tot[2] / n, "len_mean": tot[3] / n,
                "len_max": mx.item(), "kept_ratio": kept_ratio, "t_gen": t_gen, **up, "lr": lr_at(step),
-               "skipped_steps": n_skipped_steps}
+               "skipped_steps": n_skipped_steps, "mem_gb": M.peak_mem_gb()}
         log(rec)
         M.print0(f"step {step + 1:05d}/{args.steps:05d} | reward {rec['reward']:.3f} | acc {rec['acc']:.3f} | "
                  f"format {rec['format']:.3f} | len {rec['len_mean']:.0f}/{rec['len_max']:.0f} | clip {rec['clip_frac']:.3f} | "

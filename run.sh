@@ -25,8 +25,8 @@ if [ "$QUICK" = 1 ]; then
   DATA_ARGS="--n-sft 600 --n-align 32 --n-rl 64 --n-eval 32 --n-hard 32 --n-warmup 96"
   SFT_STEPS=40; WARM_EPOCHS=1; ALIGN_STEPS=3; RL_STEPS=3; EVAL_N=32; G=4; P=4
 elif [ "$GPU" = 1 ]; then
-  DATA_ARGS="--n-sft 20000 --n-align 512 --n-rl 2048 --n-eval 500 --n-hard 500 --n-warmup 2048"
-  SFT_STEPS=1500; WARM_EPOCHS=1; ALIGN_STEPS=100; RL_STEPS=100; EVAL_N=500; G=8; P=16
+  DATA_ARGS="--n-sft 16000 --n-align 512 --n-rl 2048 --n-eval 400 --n-hard 400 --n-warmup 2048"
+  SFT_STEPS=1000; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=30; EVAL_N=200; G=8; P=8
 else
   DATA_ARGS=""
   SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=100; G=8; P=4
@@ -57,13 +57,13 @@ done_ "$RUN/disc" || launch align.py --warmup-only --disc "upcycle:$RUN/sft" --w
 
 say "stage 2: alignment -> $RUN/align"
 done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --data "$DATA/align.parquet" \
-  --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr 1e-4 \
-  --disc-lr 1e-4 --save-every 10 --seed "$SEED"
+  --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr 2e-5 \
+  --disc-lr 2e-5 --save-every 10 --seed "$SEED"
 
 for FROM in sft align; do
   say "stage 3: RL ($ALGO) from $FROM -> $RUN/$FROM-rl-$ALGO"
   done_ "$RUN/$FROM-rl-$ALGO" || launch rl.py --policy "$RUN/$FROM" --algo "$ALGO" --data "$DATA/rl.parquet" \
-    --out "$RUN/$FROM-rl-$ALGO" --steps "$RL_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr 1e-4 \
+    --out "$RUN/$FROM-rl-$ALGO" --steps "$RL_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr 2e-5 \
     --save-every 10 --eval-every 0 --seed "$SEED"
 done
 

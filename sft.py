@@ -238,11 +238,12 @@ for step in range(start, steps + 1):
     opt.zero_grad(set_to_none=True)
     dt = time.time() - t0
     rec = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tok_s": n_in / dt, "dt": dt,
-           "dropped": n_dropped, "bad": n_bad, "skipped_steps": n_skipped_steps}
+           "dropped": n_dropped, "bad": n_bad, "skipped_steps": n_skipped_steps, "mem_gb": M.peak_mem_gb()}
     log(rec)
     if rank == 0:
         tqdm.write(f"step {step + 1:05d}/{steps:05d} | loss {loss_sum:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
-                   f"tok/s {n_in / dt:,.0f} | dt {dt * 1000:.0f}ms | dropped {n_dropped}")
+                   f"tok/s {n_in / dt:,.0f} | dt {dt * 1000:.0f}ms | dropped {n_dropped}" +
+                   (f" | mem {rec['mem_gb']:.1f}GB" if device.type == "cuda" else ""))
     bar.update()
 bar.close()
 
