@@ -316,7 +316,7 @@ if __name__ == "__main__":
 
         start = 0
         if (last := M.latest_checkpoint(ckpt_dir)) is not None:
-            start = M.load_checkpoint(last, {"disc": disc}, {"disc": opt})["step"]
+            start = M.load_checkpoint(last, {"disc": (disc, opt)})["step"]
             M.print0(f"resumed from {last} at step {start}")
         trim_metrics(start)
         bar = tqdm(total=steps, initial=start, desc="warm-up", disable=rank != 0, dynamic_ncols=True)
@@ -329,7 +329,7 @@ if __name__ == "__main__":
                            f"cot_acc {r['cot_acc']:.3f}") if rank == 0 else None
                 log({"step": step, "val": True, **r})
             if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
-                M.save_checkpoint(ckpt_dir, step, {"disc": disc}, {"disc": opt}, {})
+                M.save_checkpoint(ckpt_dir, step, {"disc": (disc, opt)}, {})
             if last_step:
                 break
             t0 = time.time()
@@ -387,7 +387,7 @@ if __name__ == "__main__":
 
     start, pos, bad_in_row, n_skipped = 0, 0, 0, 0
     if (last := M.latest_checkpoint(ckpt_dir)) is not None:
-        meta = M.load_checkpoint(last, {"policy": policy, "disc": disc}, {"policy": opt_p, "disc": opt_d})
+        meta = M.load_checkpoint(last, {"policy": (policy, opt_p), "disc": (disc, opt_d)})
         start, pos, n_skipped = meta["step"], meta["pos"], meta["skipped"]
         M.print0(f"resumed from {last} at step {start}")
     trim_metrics(start)
@@ -395,7 +395,7 @@ if __name__ == "__main__":
     for step in range(start, args.steps + 1):
         last_step = step == args.steps
         if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
-            M.save_checkpoint(ckpt_dir, step, {"policy": policy, "disc": disc}, {"policy": opt_p, "disc": opt_d},
+            M.save_checkpoint(ckpt_dir, step, {"policy": (policy, opt_p), "disc": (disc, opt_d)},
                               {"pos": pos, "skipped": n_skipped})
         if last_step:
             break

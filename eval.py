@@ -25,15 +25,15 @@ import verify
 
 
 def caption_items(text):
-    """Bullet items in the caption block ("- ", "* ", "• " or "1. " lines); None when there is no caption block."""
+    """Bullet items in the caption block ("- ", "* ", "• " or "1. " lines); 0 when there is no caption block."""
     m = re.search(r"<caption>(.*?)</caption>", text, re.DOTALL)
-    return None if m is None else sum(bool(re.match(r"\s*(?:[-*•]|\d+[.)])\s+", ln)) for ln in m.group(1).splitlines())
+    return 0 if m is None else sum(bool(re.match(r"\s*(?:[-*•]|\d+[.)])\s+", ln)) for ln in m.group(1).splitlines())
 
 
 def reasoning_steps(text):
-    """Non-empty lines in the think block; None when there is no think block."""
+    """Non-empty lines in the think block; 0 when there is no think block."""
     m = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
-    return None if m is None else sum(bool(ln.strip()) for ln in m.group(1).splitlines())
+    return 0 if m is None else sum(bool(ln.strip()) for ln in m.group(1).splitlines())
 
 
 def wasserstein1(a, b):
@@ -47,8 +47,7 @@ def wasserstein1(a, b):
 
 def drift(texts, teacher_texts):
     """Structure statistics of responses and, when teacher text exists, their W1 distance to the teacher's."""
-    cap = [c for c in map(caption_items, texts) if c is not None]
-    cot = [s for s in map(reasoning_steps, texts) if s is not None]
+    cap, cot = [caption_items(t) for t in texts], [reasoning_steps(t) for t in texts]
     out = {"caption_items": sum(cap) / max(len(cap), 1), "reasoning_steps": sum(cot) / max(len(cot), 1),
            "caption_hist": cap, "steps_hist": cot}
     if teacher_texts:

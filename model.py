@@ -381,11 +381,20 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def save_checkpoint(ckpt_dir, step, models, optimizers, meta, keep=1):
-    """A resume checkpoint: sharded models + optimizers (torch.distributed.checkpoint), step/meta on rank 0 and each rank's RNG.
-    Written under a temp name and renamed when complete, so a kill never leaves a half-written checkpoint behind."""
-    import torch.distributed.checkpoint as dcp
+def checkpoint_state(parts):
+    """{name.model, name.optim: sharded state dicts} for parts = {name: (model, optimizer)}."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    state = {}
+    for name, (m, opt) in parts.items():
+        state[f"{name}.model"], state[f"{name}.optim"] = get_state_dict(m, opt)
+    return state
+
+
+def save_checkpoint(ckpt_dir, step, parts, meta, keep=1):
+    """A resume checkpoint of parts = {name: (model, optimizer)}: sharded states (torch.distributed.checkpoint), step and
+    meta on rank 0, each rank's RNG. Written under a temp name and renamed when complete, so a kill never leaves a
+    half-written checkpoint behind; older checkpoints beyond `keep` are removed."""
+    import torch.distributed.checkpoint as dcp
     rank = dist.get_rank()
     final = os.path.join(ckpt_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -393,13 +402,7 @@ def save_checkpoint(ckpt_dir, step, models, optimizers, meta, keep=1):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    state = {}
-    for name, m in models.items():
-        msd, osd = get_state_dict(m, optimizers[name]) if name in optimizers else (get_state_dict(m, [])[0], None)
-        state[f"{name}.model"] = msd
-        if osd is not None:
-            state[f"{name}.optim"] = osd
-    dcp.save(state, checkpoint_id=tmp)
+    dcp.save(checkpoint_state(parts), checkpoint_id=tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_{rank}.pt"))
     dist.barrier()
     if rank == 0:
@@ -419,28 +422,19 @@ def latest_checkpoint(ckpt_dir):
     return os.path.join(ckpt_dir, done[-1]) if done else None
 
 
-def load_checkpoint(path, models, optimizers):
-    """Restore models, optimizers and this rank's RNG from save_checkpoint's directory; returns its meta dict."""
+def load_checkpoint(path, parts):
+    """Restore parts = {name: (model, optimizer)} and this rank's RNG from save_checkpoint's directory; returns its meta."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     if meta["world_size"] != dist.get_world_size():
         raise SystemExit(f"{path} was written by {meta['world_size']} processes; resume with the same number "
                          f"(or start a new --out)")
-    state = {}
-    for name, m in models.items():
-        msd, osd = get_state_dict(m, optimizers[name]) if name in optimizers else (get_state_dict(m, [])[0], None)
-        state[f"{name}.model"] = msd
-        if osd is not None:
-            state[f"{name}.optim"] = osd
+    state = checkpoint_state(parts)
     dcp.load(state, checkpoint_id=path)
-    for name, m in models.items():
-        if name in optimizers:
-            set_state_dict(m, optimizers[name], model_state_dict=state[f"{name}.model"],
-                           optim_state_dict=state[f"{name}.optim"])
-        else:
-            set_state_dict(m, [], model_state_dict=state[f"{name}.model"], optim_state_dict={})
+    for name, (m, opt) in parts.items():
+        set_state_dict(m, opt, model_state_dict=state[f"{name}.model"], optim_state_dict=state[f"{name}.optim"])
     set_rng_state(torch.load(os.path.join(path, f"rng_{dist.get_rank()}.pt"), weights_only=True))
     return meta
 

@@ -272,7 +272,7 @@ if __name__ == "__main__":
     ckpt_dir = os.path.join(args.out, "ckpt")
     start, pos, bad_in_row, n_skipped_steps = 0, 0, 0, 0
     if (last := M.latest_checkpoint(ckpt_dir)) is not None:
-        meta = M.load_checkpoint(last, {"policy": policy}, {"policy": opt})
+        meta = M.load_checkpoint(last, {"policy": (policy, opt)})
         start, pos, n_skipped_steps = meta["step"], meta["pos"], meta["skipped_steps"]
         M.print0(f"resumed from {last} at step {start}")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -304,7 +304,7 @@ if __name__ == "__main__":
                 log({"step": step, f"eval_{name}_acc": r["acc"], f"eval_{name}_format": r["format"],
                      f"eval_{name}_length": r["length"]})
         if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
-            M.save_checkpoint(ckpt_dir, step, {"policy": policy}, {"policy": opt},
+            M.save_checkpoint(ckpt_dir, step, {"policy": (policy, opt)},
                               {"pos": pos, "skipped_steps": n_skipped_steps})
         if last_step:
             break

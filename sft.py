@@ -149,7 +149,7 @@ def lr_at(step):
 ckpt_dir = os.path.join(args.out, "ckpt")
 start = 0
 if (last := M.latest_checkpoint(ckpt_dir)) is not None:
-    meta = M.load_checkpoint(last, {"policy": policy}, {"policy": opt})
+    meta = M.load_checkpoint(last, {"policy": (policy, opt)})
     start, n_dropped, n_bad = meta["step"], meta["dropped"], meta["bad"]
     M.print0(f"resumed from {last} at step {start}")
 metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -204,7 +204,7 @@ for step in range(start, steps + 1):
         tqdm.write(f"step {step:05d}/{steps:05d} | val_loss {vl:.4f}") if rank == 0 else None
         log({"step": step, "val_loss": vl})
     if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
-        M.save_checkpoint(ckpt_dir, step, {"policy": policy}, {"policy": opt}, {"dropped": n_dropped, "bad": n_bad})
+        M.save_checkpoint(ckpt_dir, step, {"policy": (policy, opt)}, {"dropped": n_dropped, "bad": n_bad})
     if last_step:
         break
 
