@@ -17,10 +17,8 @@ teacher columns.
 """
 
 import argparse
-import json
 import math
 import os
-import random
 import time
 
 import torch
@@ -221,19 +219,7 @@ if __name__ == "__main__":
         raise SystemExit("--disc-routing segment needs a Mixture-of-Experts discriminator (--disc-experts >= 2)")
     routing = args.disc_routing == "segment"
     disc = M.shard(disc, device, grad_ckpt=args.grad_ckpt)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
     ckpt_dir = os.path.join(args.out, "ckpt")
-
-    def log(rec):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def trim_metrics(start):
-        if rank == 0:  # keep the records of the steps done before the resume point
-            old = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in old if r["step"] <= start and "val" not in r)
 
     def score(exs, segs, chans, pad, clip=None, grad=False, with_aux=False):
         return score_segments(disc, processor, exs, segs, list(chans), device, pad=pad, max_pixels=args.max_pixels,
@@ -318,7 +304,7 @@ if __name__ == "__main__":
         if (last := M.latest_checkpoint(ckpt_dir)) is not None:
             start = M.load_checkpoint(last, {"disc": (disc, opt)})["step"]
             M.print0(f"resumed from {last} at step {start}")
-        trim_metrics(start)
+        log = M.metrics_logger(args.out, start, args)
         bar = tqdm(total=steps, initial=start, desc="warm-up", disable=rank != 0, dynamic_ncols=True)
         disc.train()
         for step in range(start, steps + 1):
@@ -327,16 +313,13 @@ if __name__ == "__main__":
                 r = warmup_eval()
                 tqdm.write(f"step {step:05d}/{steps:05d} | val d_loss {r['d_loss']:.4f} | cap_acc {r['cap_acc']:.3f} | "
                            f"cot_acc {r['cot_acc']:.3f}") if rank == 0 else None
-                log({"step": step, "val": True, **r})
+                log({"step": step, "eval": True, **r})
             if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
                 M.save_checkpoint(ckpt_dir, step, {"disc": (disc, opt)}, {})
             if last_step:
                 break
             t0 = time.time()
-            epoch, off = divmod(step * B, len(train))
-            perm = list(range(len(train)))
-            random.Random(args.seed * 1000 + epoch).shuffle(perm)
-            idx = (perm + perm)[off:off + B]
+            idx = data.stream_indices(len(train), args.seed, step * B, B)  # this step's global batch of pairs
             mine = [train[i] for i in idx[rank * (B // world):(rank + 1) * (B // world)]]
             sc, aux, tie = score(*pair_segments(mine), pad=pad, grad=True, with_aux=True)
             loss_pairs, cw, tw = bt_pairs(sc)
@@ -390,7 +373,7 @@ if __name__ == "__main__":
         meta = M.load_checkpoint(last, {"policy": (policy, opt_p), "disc": (disc, opt_d)})
         start, pos, n_skipped = meta["step"], meta["pos"], meta["skipped"]
         M.print0(f"resumed from {last} at step {start}")
-    trim_metrics(start)
+    log = M.metrics_logger(args.out, start, args)
 
     for step in range(start, args.steps + 1):
         last_step = step == args.steps
@@ -404,12 +387,7 @@ if __name__ == "__main__":
         t0 = time.time()
         M.sync_weights(policy, infer)
         torch.manual_seed(args.seed * 100003 + step * 101 + rank)
-        mine = []
-        for i in range(P_rank):
-            epoch, off = divmod(pos + rank * P_rank + i, len(prompts))
-            perm = list(range(len(prompts)))
-            random.Random(args.seed * 1000 + epoch).shuffle(perm)
-            mine.append(prompts[perm[off]])
+        mine = [prompts[i] for i in data.stream_indices(len(prompts), args.seed, pos + rank * P_rank, P_rank)]
         pos += P
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
         outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,

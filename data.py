@@ -136,18 +136,33 @@ def render_chat(processor, ex, response=None, max_pixels=560 * 560, with_images=
     return out
 
 
-def collate(items, pad_id):
-    """Right-pad a list of render_chat dicts into a batch: input_ids, attention_mask, labels, mm_token_type_ids (B, T);
-    pixel_values (sum P, D) and image_grid_thw (n_images, 3) concatenated in batch order (absent when no item has images)."""
+def stream_indices(n, seed, start, count):
+    """Indices at positions [start, start + count) of an endless stream over n items: one seeded permutation per epoch,
+    so a run resumed at a position continues exactly where it stopped (no item seen twice or skipped)."""
+    perms = {}
+
+    def perm(epoch):
+        if epoch not in perms:
+            perms[epoch] = list(range(n))
+            random.Random(seed * 1000 + epoch).shuffle(perms[epoch])
+        return perms[epoch]
+    return [perm(pos // n)[pos % n] for pos in range(start, start + count)]
+
+
+def collate(items, pad_id, left=False):
+    """Pad a list of render_chat dicts into a batch (on the right; on the left for generation prompts): input_ids,
+    attention_mask, labels, mm_token_type_ids (B, T); pixel_values (sum P, D) and image_grid_thw (n_images, 3) concatenated
+    in batch order (absent when no item has images)."""
     B, T = len(items), max(len(it["input_ids"]) for it in items)
     batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long), "attention_mask": torch.zeros(B, T, dtype=torch.long),
              "labels": torch.full((B, T), -100, dtype=torch.long), "mm_token_type_ids": torch.zeros(B, T, dtype=torch.long)}
     for i, it in enumerate(items):
         n = len(it["input_ids"])
-        batch["input_ids"][i, :n] = it["input_ids"]
-        batch["attention_mask"][i, :n] = 1
-        batch["labels"][i, :n] = it["labels"]
-        batch["mm_token_type_ids"][i, :n] = it["mm_token_type_ids"]
+        s = slice(T - n, T) if left else slice(0, n)
+        batch["input_ids"][i, s] = it["input_ids"]
+        batch["attention_mask"][i, s] = 1
+        batch["labels"][i, s] = it["labels"]
+        batch["mm_token_type_ids"][i, s] = it["mm_token_type_ids"]
     with_img = [it for it in items if "pixel_values" in it]
     if with_img:
         batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_img])

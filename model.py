@@ -21,6 +21,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForImageTextToText, Au
                           Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
 
+import data
+
 # -----------------------------------------------------------------------------
 # distributed
 
@@ -52,6 +54,29 @@ def all_sum(x, device):
     t = torch.tensor(x, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def metrics_logger(out, start, args):
+    """log(rec): append a record to OUT/metrics.jsonl on rank 0 (and to wandb with --wandb). Resuming at step `start`, the
+    file keeps what was logged before: training records up to `start`, eval records ("eval": True) before it (the eval at
+    `start` runs again)."""
+    path = os.path.join(out, "metrics.jsonl")
+    run = None
+    if dist.get_rank() == 0:
+        old = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in old if r["step"] < start or (r["step"] == start and not r.get("eval")))
+        if args.wandb:
+            import wandb
+            run = wandb.init(project=args.wandb, config=vars(args), resume="allow")
+
+    def log(rec):
+        if dist.get_rank() == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if run is not None:
+                run.log(rec, step=rec["step"])
+    return log
 
 
 def peak_mem_gb():
@@ -108,13 +133,9 @@ def build_config(name, tokenizer):
 
 
 def attn_impl(device):
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    """flash_attention_2 when flash-attn is installed and the device is CUDA, else PyTorch SDPA."""
+    import importlib.util
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 def load_policy(spec, processor, device, seed=0, trust_remote_code=False):
@@ -291,23 +312,6 @@ def make_inference_copy(hf, device):
     return infer
 
 
-def left_pad(items, pad_id):
-    """Left-pad prompt encodings (from data.render_chat) for generation: (B, T) input_ids, attention_mask, mm_token_type_ids."""
-    B, T = len(items), max(len(it["input_ids"]) for it in items)
-    out = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long), "attention_mask": torch.zeros(B, T, dtype=torch.long),
-           "mm_token_type_ids": torch.zeros(B, T, dtype=torch.long)}
-    for i, it in enumerate(items):
-        n = len(it["input_ids"])
-        out["input_ids"][i, T - n:] = it["input_ids"]
-        out["attention_mask"][i, T - n:] = 1
-        out["mm_token_type_ids"][i, T - n:] = it["mm_token_type_ids"]
-    imgs = [it for it in items if "pixel_values" in it]
-    if imgs:
-        out["pixel_values"] = torch.cat([it["pixel_values"] for it in imgs])
-        out["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in imgs])
-    return out
-
-
 @torch.no_grad()
 def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64):
     """Sample one response per prompt encoding (repeat a prompt n times for n samples). Greedy when temperature == 0.
@@ -320,7 +324,7 @@ def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0,
     banned = sorted(i for i, t in tokenizer.added_tokens_decoder.items() if t.special and i != eos)
     out = []
     for i in range(0, len(prompts), batch_size):
-        batch = left_pad(prompts[i:i + batch_size], pad)
+        batch = data.collate(prompts[i:i + batch_size], pad, left=True)
         kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         seqs = infer.generate(**model_inputs(batch, device), max_new_tokens=max_new_tokens, eos_token_id=eos,
                               pad_token_id=pad, top_k=None, suppress_tokens=banned, **kw)

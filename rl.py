@@ -11,10 +11,8 @@ Re-running the same command resumes from OUT/ckpt. Output: OUT is a plain Huggin
 """
 
 import argparse
-import json
 import math
 import os
-import random
 import time
 
 import torch
@@ -241,17 +239,10 @@ if __name__ == "__main__":
              f"{P} prompts x {G} rollouts = {P * G} sequences/step ({P_rank * G} per rank) | {args.mini_batches} mini-batches x "
              f"{args.epochs} epochs | kl {args.kl_coef} | {len(prompts)} prompts, {args.steps} steps")
 
-    def prompt_order(pos):
-        """The prompt index at global position `pos` of the data stream (a seeded permutation per epoch)."""
-        epoch, off = divmod(pos, len(prompts))
-        perm = list(range(len(prompts)))
-        random.Random(args.seed * 1000 + epoch).shuffle(perm)
-        return perm[off]
-
     def rollout(pos, n_prompts):
         """Generate G responses for each of this rank's prompts at stream positions [pos, pos + n_prompts * world).
         Returns a list of groups: (example, prompt encoding, [response ids] * G, rewards (G,), accs, formats)."""
-        mine = [prompts[prompt_order(pos + rank * n_prompts + i)] for i in range(n_prompts)]
+        mine = [prompts[i] for i in data.stream_indices(len(prompts), args.seed, pos + rank * n_prompts, n_prompts)]
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
         outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
                           args.top_p, args.gen_batch)
@@ -275,22 +266,7 @@ if __name__ == "__main__":
         meta = M.load_checkpoint(last, {"policy": (policy, opt)})
         start, pos, n_skipped_steps = meta["step"], meta["pos"], meta["skipped_steps"]
         M.print0(f"resumed from {last} at step {start}")
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if rank == 0:  # keep the records of the steps done before the resume point (the eval at `start` is recomputed)
-        old = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in old if r["step"] < start or (r["step"] == start and "reward" in r))
-    wandb = None
-    if args.wandb and rank == 0:
-        import wandb
-        wandb.init(project=args.wandb, config=vars(args))
-
-    def log(rec):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if wandb:
-                wandb.log(rec, step=rec["step"])
+    log = M.metrics_logger(args.out, start, args)
 
     for step in range(start, args.steps + 1):
         last_step = step == args.steps
@@ -301,7 +277,7 @@ if __name__ == "__main__":
                                desc=f"eval {name}")
                 M.print0(f"step {step:05d}/{args.steps:05d} | eval {name} | acc {r['acc']:.3f} | format {r['format']:.3f} | "
                          f"len {r['length']:.1f}")
-                log({"step": step, f"eval_{name}_acc": r["acc"], f"eval_{name}_format": r["format"],
+                log({"step": step, "eval": True, f"eval_{name}_acc": r["acc"], f"eval_{name}_format": r["format"],
                      f"eval_{name}_length": r["length"]})
         if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
             M.save_checkpoint(ckpt_dir, step, {"policy": (policy, opt)},

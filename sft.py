@@ -10,10 +10,8 @@ from the latest checkpoint in OUT/ckpt. Output: OUT is a plain Hugging Face dire
 """
 
 import argparse
-import json
 import math
 import os
-import random
 import time
 
 import torch
@@ -78,20 +76,6 @@ M.print0(f"world {world} | device {device.type} | train {len(train)} val {len(va
          f"micro-steps x <= {args.micro_batch} | steps {steps} (~{steps * B / len(train):.2f} epochs)")
 
 
-def batch_indices(step):
-    """The global batch of `step`: consecutive slices of a per-epoch permutation (seeded), so resuming needs only the step."""
-    out = []
-    pos = step * B
-    while len(out) < B:
-        epoch, off = divmod(pos, len(train))
-        perm = list(range(len(train)))
-        random.Random(args.seed * 1000 + epoch).shuffle(perm)
-        take = perm[off:off + B - len(out)]
-        out += take
-        pos += len(take)
-    return out
-
-
 n_dropped = n_bad = 0
 
 
@@ -152,15 +136,7 @@ if (last := M.latest_checkpoint(ckpt_dir)) is not None:
     meta = M.load_checkpoint(last, {"policy": (policy, opt)})
     start, n_dropped, n_bad = meta["step"], meta["dropped"], meta["bad"]
     M.print0(f"resumed from {last} at step {start}")
-metrics_path = os.path.join(args.out, "metrics.jsonl")
-if rank == 0:  # keep the records of the steps done before the resume point (the val loss at `start` is recomputed)
-    old = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-    with open(metrics_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in old if r["step"] < start or (r["step"] == start and "loss" in r))
-wandb = None
-if args.wandb and rank == 0:
-    import wandb
-    wandb.init(project=args.wandb, config=vars(args))
+log = M.metrics_logger(args.out, start, args)
 M.print0(f"policy {args.init}: {n_params / 1e6:.2f}M params | lr {args.lr} warm-up {warmup} steps, cosine | out {args.out}")
 
 
@@ -183,14 +159,6 @@ def val_loss():
     return tot / max(cnt, 1)
 
 
-def log(rec):
-    if rank == 0:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if wandb:
-            wandb.log(rec, step=rec["step"])
-
-
 # -----------------------------------------------------------------------------
 # training loop
 
@@ -202,14 +170,14 @@ for step in range(start, steps + 1):
     if args.eval_every and (step % args.eval_every == 0 or last_step) or last_step:
         vl = val_loss()
         tqdm.write(f"step {step:05d}/{steps:05d} | val_loss {vl:.4f}") if rank == 0 else None
-        log({"step": step, "val_loss": vl})
+        log({"step": step, "eval": True, "val_loss": vl})
     if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
         M.save_checkpoint(ckpt_dir, step, {"policy": (policy, opt)}, {"dropped": n_dropped, "bad": n_bad})
     if last_step:
         break
 
     t0 = time.time()
-    idx = batch_indices(step)
+    idx = data.stream_indices(len(train), args.seed, step * B, B)  # this step's global batch
     items = encode([train[i] for i in idx[rank * per_rank:(rank + 1) * per_rank]])
     # global normaliser: supervised tokens in the whole optimizer step, over all ranks and micro-batches
     n_tok_local = sum(int((it["labels"] != -100).sum()) for it in items)
