@@ -45,8 +45,7 @@ def init_dist():
 
 
 def print0(*a, **k):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, **k, flush=True)
+    print(*a, **k, flush=True) if not dist.is_initialized() or dist.get_rank() == 0 else None
 
 
 def all_sum(x, device):
