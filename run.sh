@@ -16,8 +16,9 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
 else
   GPU=0; CONFIG=tiny; NPROC=${NPROC:-1}
 fi
-RUN=${RUN:-runs/shapes-$CONFIG-s$SEED$([ "$QUICK" = 1 ] && echo -quick)}
-DATA=${DATA:-data/shapes-s$SEED$([ "$QUICK" = 1 ] && echo -quick)}
+SUFFIX=""; [ "$QUICK" = 1 ] && SUFFIX=-quick
+RUN=${RUN:-runs/shapes-$CONFIG-s$SEED$SUFFIX}
+DATA=${DATA:-data/shapes-s$SEED$SUFFIX}
 mkdir -p "$RUN"
 
 # sizes: the CPU default finishes in about 20 minutes on 2 cores; QUICK=1 in a few; the GPU uses the small config
