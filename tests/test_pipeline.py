@@ -4,16 +4,30 @@ A second run of the same command resumes: every stage is found complete and noth
 import math
 import os
 import re
+import shutil
 import subprocess
 
 from helpers import ENV, ROOT
 
 
-def test_quick_pipeline_report(tmp_path):
-    env = {**ENV, "QUICK": "1", "RUN": str(tmp_path / "run"), "DATA": str(tmp_path / "data"), "NPROC": "1"}
+def test_quick_pipeline_report():
+    # as a user runs it: no RUN/DATA given, so run.sh picks its default paths (a seed nobody else uses keeps them apart)
+    env = {k: v for k, v in ENV.items() if k not in ("RUN", "DATA")}
+    env.update(QUICK="1", NPROC="1", SEED="9173")
+    run, data = os.path.join(ROOT, "runs", "shapes-tiny-s9173-quick"), os.path.join(ROOT, "data", "shapes-s9173-quick")
+    for d in (run, data):
+        shutil.rmtree(d, ignore_errors=True)
+    try:
+        check_pipeline(env, run)
+    finally:
+        for d in (run, data):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def check_pipeline(env, run):
     r = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    report = open(tmp_path / "run" / "report.md").read()
+    report = open(os.path.join(run, "report.md")).read()
     rows = {}
     for line in report.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -24,7 +38,7 @@ def test_quick_pipeline_report(tmp_path):
         for v in vals:
             assert re.fullmatch(r"-?\d+\.\d+", v) and math.isfinite(float(v)), (name, vals)
     # the same command again: all stages are complete, so it only rewrites the report
-    mtimes = {d: os.path.getmtime(tmp_path / "run" / d / "model.safetensors") for d in ("sft", "align")}
+    mtimes = {d: os.path.getmtime(os.path.join(run, d, "model.safetensors")) for d in ("sft", "align")}
     r2 = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert {d: os.path.getmtime(tmp_path / "run" / d / "model.safetensors") for d in mtimes} == mtimes
+    assert {d: os.path.getmtime(os.path.join(run, d, "model.safetensors")) for d in mtimes} == mtimes
