@@ -156,7 +156,7 @@ if __name__ == "__main__":
     # the game
     p.add_argument("--prompts", type=int, default=4, help="prompts per step (global); each has --group-size rollouts")
     p.add_argument("--group-size", type=int, default=16, help="rollouts per prompt (G)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; the update's log-probs are taken at the same temperature)")
     p.add_argument("--max-new-tokens", type=int, default=6144, help="response length limit in tokens")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
     p.add_argument("--steps", type=int, default=500, help="alignment steps")
@@ -200,6 +200,8 @@ if __name__ == "__main__":
         raise SystemExit("the alignment game needs --policy and --data (or pass --warmup-only)")
     if args.warmup_only and args.warmup_data is None and (args.policy is None or args.data is None):
         raise SystemExit("--warmup-only without --warmup-data builds pairs from policy rollouts: pass --policy and --data")
+    if args.temperature <= 0:
+        raise SystemExit(f"--temperature {args.temperature}: the game samples its rollouts, the temperature must be > 0")
     if args.prompts % world:
         raise SystemExit(f"--prompts {args.prompts} must be divisible by the world size {world} (groups live on one rank)")
     if os.path.isfile(os.path.join(spec_dir, "preprocessor_config.json")) or \
@@ -300,9 +302,10 @@ if __name__ == "__main__":
             disc.train()
             return {"d_loss": tot[0] / tot[3], "cap_acc": tot[1] / tot[3], "cot_acc": tot[2] / tot[3]}
 
-        start = 0
+        start, n_skipped, bad_in_row = 0, 0, 0
         if (last := M.latest_checkpoint(ckpt_dir)) is not None:
-            start = M.load_checkpoint(last, {"disc": (disc, opt)})["step"]
+            meta = M.load_checkpoint(last, {"disc": (disc, opt)})
+            start, n_skipped = meta["step"], meta["skipped"]
             M.print0(f"resumed from {last} at step {start}")
         log = M.metrics_logger(args.out, start, args)
         bar = tqdm(total=steps, initial=start, desc="warm-up", disable=rank != 0, dynamic_ncols=True)
@@ -315,7 +318,7 @@ if __name__ == "__main__":
                            f"cot_acc {r['cot_acc']:.3f}") if rank == 0 else None
                 log({"step": step, "eval": True, **r})
             if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
-                M.save_checkpoint(ckpt_dir, step, {"disc": (disc, opt)}, {})
+                M.save_checkpoint(ckpt_dir, step, {"disc": (disc, opt)}, {"skipped": n_skipped})
             if last_step:
                 break
             t0 = time.time()
@@ -329,14 +332,20 @@ if __name__ == "__main__":
             gnorm = M.clip_grad(disc, args.grad_clip)
             lr = args.warmup_lr * ((step + 1) / warm if step < warm else
                                    0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
-            if math.isfinite(gnorm):
+            if math.isfinite(gnorm):  # global: every rank takes or skips the step together
                 for g in opt.param_groups:
                     g["lr"] = lr
                 opt.step()
+                bad_in_row = 0
+            else:
+                n_skipped, bad_in_row = n_skipped + 1, bad_in_row + 1
+                M.print0(f"step {step + 1}: non-finite grad norm, step skipped ({bad_in_row} in a row)")
+                if bad_in_row >= args.max_bad_steps:
+                    raise SystemExit(f"{bad_in_row} non-finite steps in a row: stopping. Lower --warmup-lr or check the data.")
             opt.zero_grad(set_to_none=True)
             tot = M.all_sum([float(loss_pairs.sum()), float(cw.sum()), float(tw.sum()), float(aux)], device)
             rec = {"step": step + 1, "d_loss": tot[0] / B, "cap_acc": tot[1] / B, "cot_acc": tot[2] / B,
-                   "aux": tot[3] / world, "lr": lr, "grad_norm": gnorm, "dt": time.time() - t0}
+                   "aux": tot[3] / world, "lr": lr, "grad_norm": gnorm, "skipped_steps": n_skipped, "dt": time.time() - t0}
             log(rec)
             if rank == 0:
                 tqdm.write(f"step {step + 1:05d}/{steps:05d} | d_loss {rec['d_loss']:.4f} | cap_acc {rec['cap_acc']:.3f} | "
@@ -344,7 +353,8 @@ if __name__ == "__main__":
                            f"dt {rec['dt'] * 1000:.0f}ms")
             bar.update()
         bar.close()
-        M.save_hf(disc, processor, args.out, {"stage": "disc-warmup", **vars(args), "val": warmup_eval()})
+        M.save_hf(disc, processor, args.out, {"stage": "disc-warmup", **vars(args), "val": warmup_eval(),
+                                              "skipped_steps": n_skipped})
         M.print0(f"saved the discriminator to {args.out}")
         dist.destroy_process_group()
         raise SystemExit(0)
@@ -357,9 +367,9 @@ if __name__ == "__main__":
         M.print0(f"skipped {len(skipped)} bad records of {args.data} (first: {skipped[0]})")
     ref = None
     if args.kl_coef > 0:
-        ref = M.shard(M.LogProbs(M.load_policy(args.policy, processor, device)), device)
+        ref = M.shard(M.LogProbs(M.load_policy(args.policy, processor, device), args.temperature), device)
         ref.requires_grad_(False)
-    policy = M.shard(M.LogProbs(hf), device, args.freeze_vision, args.grad_ckpt)
+    policy = M.shard(M.LogProbs(hf, args.temperature), device, args.freeze_vision, args.grad_ckpt)
     opt_p = M.make_optimizer(policy, args.lr, args.weight_decay)
     opt_d = M.make_optimizer(disc, args.disc_lr, args.weight_decay)
     P, G = args.prompts, args.group_size
@@ -422,7 +432,7 @@ if __name__ == "__main__":
         t2 = time.time()
         disc.train()
         n_pairs = M.all_sum(len(vi), device)
-        d_loss, dm = 0.0, {}
+        d_loss, dm, d_skipped = 0.0, {}, 0
         for _ in range(args.disc_updates_per_step):
             # the teacher's segments are scored once per prompt (with grad); the loss is a sum over (teacher, rollout)
             # pairs, so each student micro-batch backpropagates its own terms against a detached copy of the teacher
@@ -463,9 +473,12 @@ if __name__ == "__main__":
                                              torch.zeros(len(mine), dtype=torch.bool), args.score_reg, denom=0)
                 (loss / world + t_tie).backward()
                 dm = {"d_loss": M.all_sum(loss.item(), device) / world, "cap_acc": float("nan"), "cot_acc": float("nan")}
-            gnorm_d = M.clip_grad(disc, args.grad_clip)
-            if math.isfinite(gnorm_d):
+            gnorm_d = M.clip_grad(disc, args.grad_clip)  # global: every rank takes or skips the step together
+            if math.isfinite(gnorm_d) and math.isfinite(dm["d_loss"]):
                 opt_d.step()
+            else:
+                d_skipped += 1
+                M.print0(f"non-finite discriminator loss/grad norm ({dm['d_loss']}, {gnorm_d}): its step skipped")
             opt_d.zero_grad(set_to_none=True)
         t_disc = time.time() - t2
 
@@ -477,8 +490,8 @@ if __name__ == "__main__":
                                   clip_low=args.clip_low, clip_high=args.clip_high, clip_c=args.clip_c,
                                   mini_batches=args.mini_batches, epochs=args.epochs, micro_batch=args.micro_batch,
                                   grad_clip=args.grad_clip, lr=args.lr, ref=ref, kl_coef=args.kl_coef)
-        n_skipped += up["skipped"]
-        bad_in_row = bad_in_row + up["skipped"] if up["skipped"] else 0
+        n_skipped += up["skipped"] + d_skipped
+        bad_in_row = bad_in_row + 1 if up["skipped"] or d_skipped else 0
         if bad_in_row >= args.max_bad_steps:
             raise SystemExit(f"{bad_in_row} non-finite updates in a row: stopping. Lower --lr or check the data.")
 
@@ -491,7 +504,8 @@ if __name__ == "__main__":
         rec = {"step": step + 1, **dm, "teacher_cap": mean(tot[0], tot[1]), "teacher_cot": mean(tot[2], tot[3]),
                "student_cap": mean(tot[4], tot[5]), "student_cot": mean(tot[6], tot[7]), "valid": tot[8] / tot[9],
                "length": tot[10] / tot[9], "disc_grad_norm": gnorm_d, "grad_norm": up["grad_norm"],
-               "t_gen": t_gen, "t_score": t_score, "t_disc": t_disc, "t_policy": up["t_update"], "mem_gb": M.peak_mem_gb()}
+               "t_gen": t_gen, "t_score": t_score, "t_disc": t_disc, "t_policy": up["t_update"], "skipped_steps": n_skipped,
+               "mem_gb": M.peak_mem_gb()}
         rec["gap_cap"], rec["gap_cot"] = rec["teacher_cap"] - rec["student_cap"], rec["teacher_cot"] - rec["student_cot"]
         log(rec)
         M.print0(f"step {step + 1:05d}/{args.steps:05d} | d_loss {rec.get('d_loss', float('nan')):.4f} | "

@@ -62,7 +62,12 @@ def metrics_logger(out, start, args):
     path = os.path.join(out, "metrics.jsonl")
     run = None
     if dist.get_rank() == 0:
-        old = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+        old = []
+        for line in open(path) if os.path.exists(path) else []:
+            try:
+                old.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill mid-write
+                pass
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in old if r["step"] < start or (r["step"] == start and not r.get("eval")))
         if args.wandb:
@@ -235,27 +240,29 @@ def model_inputs(batch, device):
 def hidden_states(model, batch, device):
     """Last hidden states (B, T, H) of the trunk, with the processor's M-RoPE positions (computed from mm_token_type_ids)."""
     t = trunk(model)
-    h = t(**model_inputs(batch, device), use_cache=False).last_hidden_state
+    tie = 0.0
     if "pixel_values" not in batch:
         # a batch without images: run the vision tower on one blank 2x2-patch image and add 0 x its outputs, so that under
-        # FSDP this rank joins the vision blocks' collectives and gets (zero) gradients like the ranks that have images
+        # FSDP this rank joins the vision blocks' collectives, in the same order as a rank with images (vision, then the
+        # decoder; the reverse in backward), and gets (zero) gradients like them
         vc = t.visual.config
         pix = torch.zeros(4, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, device=device)
         out = t.visual(pix.to(t.visual.dtype), grid_thw=torch.tensor([[1, 2, 2]], device=device))
-        h = h + 0.0 * (out.pooler_output.sum() + sum(d.sum() for d in out.deepstack_features))
-    return h
+        tie = 0.0 * (out.pooler_output.sum() + sum(d.sum() for d in out.deepstack_features))
+    return t(**model_inputs(batch, device), use_cache=False).last_hidden_state + tie
 
 
-def chunk_logprobs(h, weight, targets):
-    """log p(targets) for hidden rows h (N, H) under the output layer `weight` (V, H), in fp32. (N,)"""
-    logits = (h @ weight.t()).float()
+def chunk_logprobs(h, weight, targets, temperature=1.0):
+    """log p(targets) for hidden rows h (N, H) under the output layer `weight` (V, H) at a sampling temperature, fp32. (N,)"""
+    logits = (h @ weight.t()).float() / temperature
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
-def token_logprobs(model, batch, device, chunk=2048):
+def token_logprobs(model, batch, device, chunk=2048, temperature=1.0):
     """Per-token log-probs of the supervised tokens: out[b, t] = log p(input_ids[b, t] | tokens < t) where labels[b, t] != -100,
     else 0. (B, T) fp32. The vocabulary projection runs on `chunk` target rows at a time and is recomputed in backward,
-    so full fp32 logits over the vocabulary are never materialised for the whole sequence."""
+    so full fp32 logits over the vocabulary are never materialised for the whole sequence. With a temperature, p is the
+    distribution the rollouts were sampled from, softmax(logits / T)."""
     labels = batch["labels"].to(device)
     h = hidden_states(model, batch, device)  # (B, T, H)
     # position t-1 predicts token t: targets are labels shifted left by one
@@ -267,8 +274,9 @@ def token_logprobs(model, batch, device, chunk=2048):
     if len(ts) == 0:  # nothing supervised (a placeholder): keep the output layer in the graph, as on the other ranks
         tie = 0.0 * chunk_logprobs(h[0, :1], w, ts.new_zeros(1)).sum()
         return torch.zeros(labels.shape, dtype=torch.float32, device=device) + tie
-    parts = [checkpoint(chunk_logprobs, hs[i:i + chunk], w, ts[i:i + chunk], use_reentrant=False) if torch.is_grad_enabled()
-             else chunk_logprobs(hs[i:i + chunk], w, ts[i:i + chunk]) for i in range(0, len(ts), chunk)]
+    parts = [checkpoint(chunk_logprobs, hs[i:i + chunk], w, ts[i:i + chunk], temperature, use_reentrant=False)
+             if torch.is_grad_enabled() else chunk_logprobs(hs[i:i + chunk], w, ts[i:i + chunk], temperature)
+             for i in range(0, len(ts), chunk)]
     lp = torch.zeros(labels.shape, dtype=torch.float32, device=device)
     out = torch.cat(parts) if parts else lp.new_zeros(0)
     # the log-prob of the token at t sits at t (shift back), so that out and labels line up
@@ -278,14 +286,15 @@ def token_logprobs(model, batch, device, chunk=2048):
 
 class LogProbs(nn.Module):
     """Wraps a Qwen3-VL policy so that FSDP2's root hooks gather the root parameters (embeddings, lm_head) around
-    token_logprobs, which calls the trunk and the output layer separately."""
+    token_logprobs, which calls the trunk and the output layer separately. RL and alignment pass their rollout temperature:
+    the policy gradient is that of the distribution the responses were sampled from (as in verl)."""
 
-    def __init__(self, hf):
+    def __init__(self, hf, temperature=1.0):
         super().__init__()
-        self.hf = hf
+        self.hf, self.temperature = hf, temperature
 
     def forward(self, batch, chunk=2048):
-        return token_logprobs(self.hf, batch, self.hf.lm_head.weight.device, chunk)
+        return token_logprobs(self.hf, batch, self.hf.lm_head.weight.device, chunk, self.temperature)
 
 
 # -----------------------------------------------------------------------------

@@ -168,7 +168,7 @@ if __name__ == "__main__":
     # rollouts
     p.add_argument("--prompts", type=int, default=32, help="prompts per step (global); each has --group-size rollouts")
     p.add_argument("--group-size", type=int, default=16, help="rollouts per prompt (G)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; the update's log-probs are taken at the same temperature)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--max-new-tokens", type=int, default=8192, help="response length limit in tokens")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
@@ -214,6 +214,8 @@ if __name__ == "__main__":
     tok = processor.tokenizer
     pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
     P, G = args.prompts, args.group_size
+    if args.temperature <= 0:
+        raise SystemExit(f"--temperature {args.temperature}: RL samples its rollouts, the temperature must be > 0")
     if P % world:
         raise SystemExit(f"--prompts {P} must be divisible by the world size {world} (each prompt's group lives on one rank)")
     if P * G % (world * args.mini_batches):
@@ -231,9 +233,9 @@ if __name__ == "__main__":
     infer = M.make_inference_copy(hf, device)  # the generation copy, refreshed from the trained weights every step
     ref = None
     if args.kl_coef > 0:  # a frozen reference only when the KL term is on
-        ref = M.shard(M.LogProbs(M.load_policy(args.policy, processor, device)), device)
+        ref = M.shard(M.LogProbs(M.load_policy(args.policy, processor, device), args.temperature), device)
         ref.requires_grad_(False)
-    policy = M.shard(M.LogProbs(hf), device, args.freeze_vision, args.grad_ckpt)
+    policy = M.shard(M.LogProbs(hf, args.temperature), device, args.freeze_vision, args.grad_ckpt)
     opt = M.make_optimizer(policy, args.lr, wd)
     M.print0(f"world {world} | {args.algo}: clip {clip_low}/{clip_high} dual-clip {clip_c} wd {wd} warm-up {warmup} | "
              f"{P} prompts x {G} rollouts = {P * G} sequences/step ({P_rank * G} per rank) | {args.mini_batches} mini-batches x "

@@ -2,8 +2,11 @@
 # The whole PRISM pipeline on the built-in synthetic world, then a report:
 #   data -> SFT -> discriminator (upcycle + warm-up) -> alignment -> RL, and RL straight from SFT for comparison,
 #   -> eval.py on every stage -> RUN/report.md
-# Knobs (environment): NPROC (processes; GPUs when present, default all of them or 1 on CPU), SEED (0), ALGO (grpo|dapo|gspo),
-# QUICK=1 (a smoke run of a few minutes), RUN (output dir, default runs/shapes-<config>-s<SEED>), DATA (data/shapes-s<SEED>).
+# Knobs (environment): NPROC (processes; GPUs when present, default all of them or 1 on CPU), SEED (0), ALGO (grpo, dapo,
+# gspo or a list of them, e.g. "grpo dapo gspo"), QUICK=1 (a smoke run of a few minutes), RUN (output dir, default
+# runs/shapes-<config>-s<SEED>), DATA (data/shapes-s<SEED>), DISC_ARGS (extra align.py flags for the discriminator, e.g.
+# "--disc-experts 1" or "--disc-text-only": the paper's ablations). With one process on a GPU the RL runs and the
+# evaluations share the GPU concurrently (each logs to RUN/<name>.log).
 # Re-running the same command resumes: finished stages are skipped, interrupted ones continue from their last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,6 +14,7 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 SEED=${SEED:-0}
 ALGO=${ALGO:-grpo}
 QUICK=${QUICK:-0}
+DISC_ARGS=${DISC_ARGS:-}
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   GPU=1; CONFIG=small; NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
 else
@@ -21,16 +25,19 @@ RUN=${RUN:-runs/shapes-$CONFIG-s$SEED$SUFFIX}
 DATA=${DATA:-data/shapes-s$SEED$SUFFIX}
 mkdir -p "$RUN"
 
-# sizes: the CPU default finishes in about 20 minutes on 2 cores; QUICK=1 in a few; the GPU uses the small config
+# sizes: the CPU default finishes in about 20 minutes on 2 cores; QUICK=1 in a few; the GPU uses the small config.
+# TEMP: rollout temperature of alignment and RL. The paper samples at 1.0; the tiny CPU model's distribution has a heavy tail
+# of byte tokens (at 1.0 only ~35% of its samples are format-valid, at 0.7 ~95%), so the CPU runs sample at 0.7.
+LR=2e-5; DISC_LR=2e-5
 if [ "$QUICK" = 1 ]; then
   DATA_ARGS="--n-sft 600 --n-align 32 --n-rl 64 --n-eval 32 --n-hard 32 --n-warmup 96"
-  SFT_STEPS=40; WARM_EPOCHS=1; ALIGN_STEPS=3; RL_STEPS=3; EVAL_N=32; G=4; P=4
+  SFT_STEPS=40; WARM_EPOCHS=1; ALIGN_STEPS=3; RL_STEPS=3; EVAL_N=32; G=4; P=4; TEMP=0.7
 elif [ "$GPU" = 1 ]; then
   DATA_ARGS="--n-sft 16000 --n-align 512 --n-rl 2048 --n-eval 400 --n-hard 400 --n-warmup 2048"
-  SFT_STEPS=1000; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=30; EVAL_N=200; G=8; P=8
+  SFT_STEPS=1000; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=30; EVAL_N=200; G=8; P=8; TEMP=1.0
 else
   DATA_ARGS=""
-  SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=100; G=8; P=4
+  SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=100; G=8; P=4; TEMP=0.7
 fi
 P=$(( (P + NPROC - 1) / NPROC * NPROC ))  # prompts per step: a multiple of the process count
 
@@ -39,6 +46,14 @@ launch() {  # one process, or torchrun with NPROC of them
 }
 done_() { [ -f "$1/run_config.json" ]; }  # a stage output is complete once run_config.json is written (it is written last)
 say() { echo; echo "=== $* ==="; }
+PAR=0; [ "$GPU" = 1 ] && [ "$NPROC" = 1 ] && PAR=1  # one small model per process: independent runs share the GPU
+pids=()
+bg() {  # NAME CMD...: run CMD; with PAR=1 in the background, its output in RUN/NAME.log (join waits, failing if it failed)
+  local name=$1; shift
+  if [ "$PAR" = 1 ]; then "$@" > "$RUN/$name.log" 2>&1 & pids+=($!); echo "running in the background, log: $RUN/$name.log"
+  else "$@"; fi
+}
+join() { for p in "${pids[@]}"; do wait "$p"; done; pids=(); }
 
 say "data -> $DATA"
 [ -f "$DATA/processor/tokenizer.json" ] || python data.py --out "$DATA" --seed "$SEED" $DATA_ARGS
@@ -51,28 +66,34 @@ done_ "$RUN/sft" || launch sft.py --init "$RUN/base" --data "$DATA/sft.jsonl" --
   --batch-size 16 --micro-batch 16 --lr 3e-4 --warmup-ratio 0.05 --eval-every 100 --save-every 100 --seed "$SEED" \
   --max-len 1024
 
-say "discriminator: upcycle the SFT policy to 4 experts + warm-up -> $RUN/disc"
+say "discriminator: upcycle the SFT policy + warm-up -> $RUN/disc"
 done_ "$RUN/disc" || launch align.py --warmup-only --disc "upcycle:$RUN/sft" --warmup-data "$DATA/warmup.jsonl" \
   --out "$RUN/disc" --warmup-epochs "$WARM_EPOCHS" --warmup-batch 16 --warmup-lr 1e-4 --warmup-val 32 --disc-micro 32 \
-  --seed "$SEED"
+  --seed "$SEED" $DISC_ARGS
 
 say "stage 2: alignment -> $RUN/align"
 done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --data "$DATA/align.parquet" \
-  --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr 2e-5 \
-  --disc-lr 2e-5 --save-every 10 --seed "$SEED"
+  --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$LR" \
+  --disc-lr "$DISC_LR" --temperature "$TEMP" --save-every 10 --seed "$SEED" $DISC_ARGS
 
-for FROM in sft align; do
-  say "stage 3: RL ($ALGO) from $FROM -> $RUN/$FROM-rl-$ALGO"
-  done_ "$RUN/$FROM-rl-$ALGO" || launch rl.py --policy "$RUN/$FROM" --algo "$ALGO" --data "$DATA/rl.parquet" \
-    --out "$RUN/$FROM-rl-$ALGO" --steps "$RL_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr 2e-5 \
-    --save-every 10 --eval-every 0 --seed "$SEED"
+for A in $ALGO; do
+  for FROM in sft align; do
+    say "stage 3: RL ($A) from $FROM -> $RUN/$FROM-rl-$A"
+    done_ "$RUN/$FROM-rl-$A" || bg "$FROM-rl-$A" launch rl.py --policy "$RUN/$FROM" --algo "$A" --data "$DATA/rl.parquet" \
+      --out "$RUN/$FROM-rl-$A" --steps "$RL_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$LR" \
+      --temperature "$TEMP" --save-every 10 --eval-every 0 --seed "$SEED"
+  done
 done
+join
 
-for STAGE in base sft align sft-rl-$ALGO align-rl-$ALGO; do
+STAGES="base sft align"
+for A in $ALGO; do STAGES="$STAGES sft-rl-$A align-rl-$A"; done
+for STAGE in $STAGES; do
   say "eval $STAGE"
-  [ -f "$RUN/$STAGE/eval.json" ] || launch eval.py --model "$RUN/$STAGE" --data "$DATA/eval.parquet" \
+  [ -f "$RUN/$STAGE/eval.json" ] || bg "eval-$STAGE" launch eval.py --model "$RUN/$STAGE" --data "$DATA/eval.parquet" \
     "$DATA/eval_hard.parquet" --limit "$EVAL_N" --max-new-tokens 256 --out "$RUN/$STAGE/eval.json"
 done
+join
 
 say "report"
 python eval.py --report "$RUN"

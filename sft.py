@@ -65,10 +65,12 @@ pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
 examples, skipped = data.read_examples(args.data, "sft", skip_bad=args.skip_bad)
 if skipped:
     M.print0(f"skipped {len(skipped)} bad records of {args.data} (first: {skipped[0]})")
-assert len(examples) > args.val_size, f"{args.data}: {len(examples)} examples, not enough for --val-size {args.val_size}"
+if len(examples) <= args.val_size:
+    raise SystemExit(f"{args.data}: {len(examples)} examples, not enough for --val-size {args.val_size}")
 val, train = examples[len(examples) - args.val_size:], examples[:len(examples) - args.val_size]
 B = args.batch_size
-assert B % world == 0, f"--batch-size {B} must be divisible by the world size {world}"
+if B % world:
+    raise SystemExit(f"--batch-size {B} must be divisible by the world size {world}: change one of them")
 per_rank = B // world
 accum = math.ceil(per_rank / args.micro_batch)
 steps = args.steps or max(1, int(args.epochs * len(train) / B))

@@ -23,9 +23,9 @@ def items(world, processor):
     return [data.render_chat(processor, ex, ex.response) for ex in exs[:4]]
 
 
-def reference_logprobs(hf, batch):
-    """Independent: the HF forward's full logits, log_softmax over the vocabulary, next-token gather."""
-    logits = hf(**M.model_inputs(batch, "cpu")).logits.float()  # (B, T, V)
+def reference_logprobs(hf, batch, temperature=1.0):
+    """Independent: the HF forward's full logits / T, log_softmax over the vocabulary, next-token gather."""
+    logits = hf(**M.model_inputs(batch, "cpu")).logits.float() / temperature  # (B, T, V)
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     out = torch.zeros(batch["input_ids"].shape)
     out[:, 1:] = lp
@@ -40,6 +40,10 @@ def test_token_logprobs_match_full_logits(processor, items):
     for chunk in (7, 4096):  # chunked and unchunked vocabulary projection agree
         got = M.token_logprobs(hf, b, "cpu", chunk=chunk)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # at a sampling temperature: the log-probs of softmax(logits / T), the distribution the rollouts came from
+    hot = M.LogProbs(hf, temperature=0.7)(b, chunk=7)
+    torch.testing.assert_close(hot, reference_logprobs(hf, b, 0.7), atol=1e-5, rtol=1e-5)
+    assert (hot - got).abs().max() > 1e-2
     # padding does not change a sequence's log-probs: each item alone gives the same values
     for i, it in enumerate(items):
         alone = M.token_logprobs(hf, data.collate([it], 0), "cpu")[0]
