@@ -28,13 +28,13 @@ mkdir -p "$RUN"
 # sizes: the CPU default finishes in about 20 minutes on 2 cores; QUICK=1 in a few; the GPU uses the small config.
 # TEMP: rollout temperature of alignment and RL. The paper samples at 1.0; the tiny CPU model's distribution has a heavy tail
 # of byte tokens (at 1.0 only ~35% of its samples are format-valid, at 0.7 ~95%), so the CPU runs sample at 0.7.
-LR=2e-5; DISC_LR=2e-5
+ALIGN_LR=2e-5; DISC_LR=2e-5; RL_LR=2e-5
 if [ "$QUICK" = 1 ]; then
   DATA_ARGS="--n-sft 600 --n-align 32 --n-rl 64 --n-eval 32 --n-hard 32 --n-warmup 96"
   SFT_STEPS=40; WARM_EPOCHS=1; ALIGN_STEPS=3; RL_STEPS=3; EVAL_N=32; G=4; P=4; TEMP=0.7
 elif [ "$GPU" = 1 ]; then
   DATA_ARGS="--n-sft 16000 --n-align 512 --n-rl 2048 --n-eval 400 --n-hard 400 --n-warmup 2048"
-  SFT_STEPS=1000; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=30; EVAL_N=200; G=8; P=8; TEMP=1.0
+  SFT_STEPS=1000; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=40; EVAL_N=400; G=8; P=8; TEMP=1.0; RL_LR=3e-5
 else
   DATA_ARGS=""
   SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=100; G=8; P=4; TEMP=0.7
@@ -73,14 +73,14 @@ done_ "$RUN/disc" || launch align.py --warmup-only --disc "upcycle:$RUN/sft" --w
 
 say "stage 2: alignment -> $RUN/align"
 done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --data "$DATA/align.parquet" \
-  --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$LR" \
+  --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$ALIGN_LR" \
   --disc-lr "$DISC_LR" --temperature "$TEMP" --save-every 10 --seed "$SEED" $DISC_ARGS
 
 for A in $ALGO; do
   for FROM in sft align; do
     say "stage 3: RL ($A) from $FROM -> $RUN/$FROM-rl-$A"
     done_ "$RUN/$FROM-rl-$A" || bg "$FROM-rl-$A" launch rl.py --policy "$RUN/$FROM" --algo "$A" --data "$DATA/rl.parquet" \
-      --out "$RUN/$FROM-rl-$A" --steps "$RL_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$LR" \
+      --out "$RUN/$FROM-rl-$A" --steps "$RL_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$RL_LR" \
       --temperature "$TEMP" --save-every 10 --eval-every 0 --seed "$SEED"
   done
 done

@@ -2,7 +2,7 @@
 # The miniature reproduction of the paper's comparison on the synthetic world (small config, one GPU per seed):
 #   per seed: SFT -> RL and SFT -> PRISM alignment -> RL, for GRPO, DAPO and GSPO (run.sh with ALGO="grpo dapo gspo");
 #   on the next GPU, the paper's two discriminator ablations for GRPO on seed 0's SFT policy: dense (1 expert) and text-only.
-# Then results/summarize.py writes the per-seed numbers and the summary table.
+# Then results/summarize.py writes the per-seed numbers and the summary table to OUT/summary.md.
 #   bash results/repro.sh                      # needs len(SEEDS) + 1 GPUs (4 by default)
 # Knobs: SEEDS ("0 1 2"), OUT (results/runs).
 set -euo pipefail
@@ -30,5 +30,5 @@ for abl in dense:--disc-experts=1 text:--disc-text-only; do
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
-python results/summarize.py "$OUT" > results/README.md
-cat results/README.md
+python results/summarize.py "$OUT" > "$OUT/summary.md"
+cat "$OUT/summary.md"

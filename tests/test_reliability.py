@@ -222,3 +222,19 @@ def test_crafted_pickles_are_refused(tiny_dirs, tmp_path, processor):
     for name in ("model.py", "sft.py", "align.py", "rl.py", "eval.py", "data.py", "bench.py"):
         src = open(os.path.join(ROOT, name)).read()
         assert src.count("torch.load(") == src.count("weights_only=True"), name
+
+
+# -----------------------------------------------------------------------------
+# over-long samples: dropped and counted, never truncated
+
+def test_over_long_sft_examples_are_dropped_and_counted(world, processor, tmp_path):
+    exs, _ = data.read_examples(os.path.join(world[0], "sft.jsonl"), "sft")
+    train = exs[:len(exs) - 8]
+    lengths = [len(data.render_chat(processor, ex, ex.response)["input_ids"]) for ex in train]
+    max_len = sorted(lengths)[len(lengths) // 2]  # about half the examples are too long
+    batches = [data.stream_indices(len(train), 0, step * 4, 4) for step in range(3)]
+    expected = [sum(lengths[i] > max_len for b in batches[:s + 1] for i in b) for s in range(3)]
+    assert 0 < expected[-1] < 12
+    out = str(tmp_path / "sft")
+    run("sft.py", *sft_args(world, out, max_len=max_len, micro_batch=4))
+    assert [m["dropped"] for m in metrics(out) if "loss" in m] == expected
