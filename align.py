@@ -97,7 +97,7 @@ def score_segments(disc, processor, exs, segments, channels, device, *, pad, max
     (an (example, segment) pair) instead. Returns (scores (B,) clipped to +-clip when given, mean router aux loss, tie):
     `tie` is 0 but depends on every forward, so adding it to a loss keeps all of this rank's forwards in the backward."""
     items = [data.render_chat(processor, ex, seg, max_pixels, with_images=not text_only) for ex, seg in zip(exs, segments)]
-    n = int(max(M.all_sum([math.ceil(len(items) / micro)], device)[0], 1))
+    n = max(M.all_max(math.ceil(len(items) / micro), device), 1)
     E = getattr(disc.config.text_config, "num_experts", 0)
     scores, aux, tie = [], torch.zeros((), device=device), torch.zeros((), device=device)
     for i in range(n):
@@ -156,7 +156,7 @@ if __name__ == "__main__":
     # the game
     p.add_argument("--prompts", type=int, default=4, help="prompts per step (global); each has --group-size rollouts")
     p.add_argument("--group-size", type=int, default=16, help="rollouts per prompt (G)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; the update's log-probs are taken at the same temperature)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; the update's log-probs use it too)")
     p.add_argument("--max-new-tokens", type=int, default=6144, help="response length limit in tokens")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
     p.add_argument("--steps", type=int, default=500, help="alignment steps")
@@ -444,7 +444,7 @@ if __name__ == "__main__":
                 t_leaf = t_sc.detach().requires_grad_(True)
                 per = max(1, args.disc_micro // nch)
                 chunks = [vi[k:k + per] for k in range(0, len(vi), per)]
-                n_chunks = int(max(M.all_sum([len(chunks)], device)[0], 1))
+                n_chunks = max(M.all_max(len(chunks), device), 1)
                 d_loss, wins = 0.0, torch.zeros(nch)
                 for k in range(n_chunks):  # the same count on every rank; a rank out of pairs scores `pad` only
                     rows = chunks[k] if k < len(chunks) else []

@@ -48,11 +48,16 @@ def print0(*a, **k):
     print(*a, **k, flush=True) if not dist.is_initialized() or dist.get_rank() == 0 else None
 
 
-def all_sum(x, device):
-    """Sum a float or a list of floats over ranks (as float64 on `device`)."""
+def all_sum(x, device, op=dist.ReduceOp.SUM):
+    """Sum (or `op`) a float or a list of floats over ranks (as float64 on `device`)."""
     t = torch.tensor(x, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_max(n, device):
+    """The largest of an int over ranks: e.g. the forward count every rank must run under FSDP."""
+    return int(all_sum(float(n), device, dist.ReduceOp.MAX))
 
 
 def metrics_logger(out, start, args):

@@ -82,7 +82,7 @@ def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo,
     ph["labels"] = torch.full_like(ph["input_ids"], -100)  # no loss, no gradient
     per_mb = math.ceil(len(items) / mini_batches)
     mbs = [(items[i * per_mb:(i + 1) * per_mb], adv[i * per_mb:(i + 1) * per_mb]) for i in range(mini_batches)]
-    n_micro = int(max(M.all_sum([math.ceil(per_mb / micro_batch)], device)[0], 1))
+    n_micro = max(M.all_max(math.ceil(per_mb / micro_batch), device), 1)
 
     def micro(mb_items, mb_adv):
         for i in range(n_micro):
@@ -168,7 +168,7 @@ if __name__ == "__main__":
     # rollouts
     p.add_argument("--prompts", type=int, default=32, help="prompts per step (global); each has --group-size rollouts")
     p.add_argument("--group-size", type=int, default=16, help="rollouts per prompt (G)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; the update's log-probs are taken at the same temperature)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; the update's log-probs use it too)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--max-new-tokens", type=int, default=8192, help="response length limit in tokens")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
@@ -342,11 +342,9 @@ if __name__ == "__main__":
         s = torch.tensor(stats, dtype=torch.float64) if stats else torch.zeros(0, 4, dtype=torch.float64)
         tot = M.all_sum([float(s[:, 0].sum()), float(s[:, 1].sum()), float(s[:, 2].sum()), float(s[:, 3].sum()), len(s)],
                         device)
-        mx = torch.tensor([float(s[:, 3].max()) if len(s) else 0.0], device=device)
-        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-        n = max(tot[4], 1)
+        n, len_max = max(tot[4], 1), M.all_max(int(s[:, 3].max()) if len(s) else 0, device)
         rec = {"step": step + 1, "reward": tot[0] / n, "acc": tot[1] / n, "format": tot[2] / n, "len_mean": tot[3] / n,
-               "len_max": mx.item(), "kept_ratio": kept_ratio, "t_gen": t_gen, **up, "lr": lr_at(step),
+               "len_max": len_max, "kept_ratio": kept_ratio, "t_gen": t_gen, **up, "lr": lr_at(step),
                "skipped_steps": n_skipped_steps, "mem_gb": M.peak_mem_gb()}
         log(rec)
         M.print0(f"step {step + 1:05d}/{args.steps:05d} | reward {rec['reward']:.3f} | acc {rec['acc']:.3f} | "

