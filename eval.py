@@ -139,16 +139,21 @@ def write_report(run):
         lines += ["", "(matplotlib is not installed: tables only)"]
     if plt is not None:
         figs = []
+
+        def curve(ax, xs, ys, label, k=5):  # the raw per-step values faint, their trailing k-step mean on top
+            line, = ax.plot(xs, ys, alpha=0.25)
+            ax.plot(xs, [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))],
+                    color=line.get_color(), label=label)
         # RL curves, both arms
         arms = [(d, label) for label, (d, _) in res.items() if "-rl-" in d]
         if arms:
             fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
             for d, label in arms:
                 m = [json.loads(x) for x in open(os.path.join(run, d, "metrics.jsonl")) if '"reward"' in x]
-                ax[0].plot([x["step"] for x in m], [x["reward"] for x in m], label=label)
-                ax[1].plot([x["step"] for x in m], [x["acc"] for x in m], label=label)
-            ax[0].set(title="RL reward (training rollouts)", xlabel="step")
-            ax[1].set(title="RL accuracy (training rollouts)", xlabel="step")
+                curve(ax[0], [x["step"] for x in m], [x["reward"] for x in m], label)
+                curve(ax[1], [x["step"] for x in m], [x["acc"] for x in m], label)
+            ax[0].set(title="RL reward (training rollouts; 5-step mean)", xlabel="step")
+            ax[1].set(title="RL accuracy (training rollouts; 5-step mean)", xlabel="step")
             ax[0].legend()
             figs.append(("rl_curves.png", fig))
         # the alignment score gap per channel (the paper's training-curve figure)
@@ -156,9 +161,9 @@ def write_report(run):
         if os.path.isfile(mpath):
             m = [json.loads(x) for x in open(mpath) if '"gap_cap"' in x]
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.plot([x["step"] for x in m], [x["gap_cap"] for x in m], label="perception (caption)")
-            ax.plot([x["step"] for x in m], [x["gap_cot"] for x in m], label="reasoning")
-            ax.set(title="score gap: teacher - policy", xlabel="alignment step")
+            curve(ax, [x["step"] for x in m], [x["gap_cap"] for x in m], "perception (caption)", k=3)
+            curve(ax, [x["step"] for x in m], [x["gap_cot"] for x in m], "reasoning", k=3)
+            ax.set(title="score gap: teacher - policy (3-step mean)", xlabel="alignment step")
             ax.legend()
             figs.append(("align_gap.png", fig))
         # drift histograms per stage, with the teacher's distribution
