@@ -325,11 +325,69 @@ def make_inference_copy(hf, device):
     return infer
 
 
+def sample(logits, temperature, top_p, banned):
+    """Next tokens from logits (B, V) on the device, no host sync: greedy at temperature 0, else nucleus sampling at
+    `temperature` by the Gumbel-max trick over the kept tokens. banned: (V,) bool, never sampled."""
+    logits = logits.float().masked_fill(banned, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
+        srt, idx = logits.sort(-1, descending=True)
+        drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+
+
 @torch.no_grad()
-def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64):
+def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1.0, top_p=1.0, check_every=16):
+    """The fast rollout path: one prefill, then a decode loop over a static KV cache sized to this batch's need (longest
+    prompt + max_new_tokens); sampling stays on the device and the host looks at the `done` flags only every `check_every`
+    steps (early exit once every sequence has ended). Greedy output equals generate()'s (tested).
+    batch: collate(left=True) output. Returns the new tokens (B, n <= max_new_tokens), `pad` after each sequence's eos."""
+    from transformers import StaticCache
+    inputs = model_inputs(batch, device)
+    B, L = inputs["input_ids"].shape
+    cache = StaticCache(config=infer.config, max_cache_len=L + max_new_tokens)
+    trunk_, am = infer.model, inputs["attention_mask"]
+    n_real = am.sum(1, keepdim=True)  # (B, 1) tokens that are not left padding
+    if "pixel_values" in inputs:  # prefill; the model computes the M-RoPE positions and their deltas from the image grids
+        h = trunk_(**inputs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        rope_delta = trunk_.rope_deltas.view(B, 1)
+    else:  # text only: positions count the real tokens, as generate() does
+        pos = (am.cumsum(-1) - 1).clamp(min=0).view(1, B, L).expand(3, B, L)
+        h = trunk_(**inputs, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        rope_delta = 0
+    # a generated token's position, on all three M-RoPE axes: its index among the row's real tokens + the prompt's delta
+    # (the vision tokens' positions compress), i.e. its cache slot - the row's left padding + the delta
+    delta = rope_delta - (L - n_real)
+    mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(B, max_new_tokens)], 1)  # (B, L + new)
+    ban = torch.zeros(infer.config.text_config.vocab_size, dtype=torch.bool, device=device)
+    ban[banned] = True
+
+    def step(tok, slot):  # tok (B,) at cache slot `slot` (a 0-d tensor) -> the next tokens (B,)
+        pos = (slot + delta).view(1, B, 1).expand(4, B, 1)  # text row + the three M-RoPE rows
+        h = trunk_.language_model(inputs_embeds=trunk_.language_model.embed_tokens(tok[:, None]), position_ids=pos,
+                                  attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        return sample(infer.lm_head(h), temperature, top_p, ban)
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tok = sample(infer.lm_head(h), temperature, top_p, ban)
+    for t in range(max_new_tokens):
+        out[:, t] = torch.where(done, pad, tok)
+        done |= tok == eos
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+            return out[:, :t + 1]
+        tok = step(out[:, t], torch.tensor(L + t, device=device))
+    return out
+
+
+@torch.no_grad()
+def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64, static=False):
     """Sample one response per prompt encoding (repeat a prompt n times for n samples). Greedy when temperature == 0.
     Stops at the end-of-turn token. Returns a list of token-id lists, each ending with <|im_end|> unless cut at max_new_tokens.
-    Runs on the plain inference copy: no collectives, so ranks that finish early never hang the others."""
+    Runs on the plain inference copy: no collectives, so ranks that finish early never hang the others.
+    Hugging Face generate() (dynamic KV cache), or with static=True the static-cache decode loop above."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     # special tokens other than the end of turn are never sampled: a stray <|image_pad|> in a response would break the
@@ -338,10 +396,13 @@ def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0,
     out = []
     for i in range(0, len(prompts), batch_size):
         batch = data.collate(prompts[i:i + batch_size], pad, left=True)
-        kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        seqs = infer.generate(**model_inputs(batch, device), max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              pad_token_id=pad, top_k=None, suppress_tokens=banned, **kw)
-        for row in seqs[:, batch["input_ids"].shape[1]:].tolist():
+        if static:
+            new = decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature, top_p)
+        else:
+            kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+            new = infer.generate(**model_inputs(batch, device), max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=pad, top_k=None, suppress_tokens=banned, **kw)[:, batch["input_ids"].shape[1]:]
+        for row in new.tolist():
             out.append(row[:row.index(eos) + 1] if eos in row else row)
     return out
 

@@ -71,15 +71,36 @@ def test_fsdp_wrapped_logprobs_equal_plain(dist1, processor, items):
     torch.testing.assert_close(wrapped(b), plain, atol=1e-6, rtol=1e-6)
 
 
-def test_greedy_generation_is_deterministic(world, processor):
+def test_greedy_generation_is_deterministic_and_the_static_path_equals_hf(world, processor):
     hf = M.load_policy("tiny", processor, torch.device("cpu"), seed=1)
     infer = M.make_inference_copy(hf, torch.device("cpu"))
     exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
-    prompts = [data.render_chat(processor, ex) for ex in exs[:3]]
+    text_only = data.Example(question="How many shapes are there? Answer with a number.", images=[], where="t")
+    prompts = [data.render_chat(processor, ex) for ex in exs[:3]] + [data.render_chat(processor, text_only)]
+    assert len({len(p["input_ids"]) for p in prompts}) > 1  # left padding in the batch
     a = M.generate(infer, prompts, processor.tokenizer, "cpu", max_new_tokens=12, temperature=0)
     b = M.generate(infer, prompts, processor.tokenizer, "cpu", max_new_tokens=12, temperature=0, batch_size=1)
     assert a == b  # batching and left padding do not change greedy tokens
     assert all(len(r) == 12 for r in a)  # a random model does not stop early
+    # the static-cache decode loop: the same greedy tokens (M-RoPE positions of images, padding, a text-only row)
+    for bs in (4, 1):
+        assert M.generate(infer, prompts, processor.tokenizer, "cpu", 12, temperature=0, batch_size=bs, static=True) == a
+    # ... and a text-only batch after an image batch (no stale rope deltas)
+    assert M.generate(infer, prompts[3:], processor.tokenizer, "cpu", 12, temperature=0, static=True) == a[3:]
+
+
+def test_static_sampling_respects_top_p_and_banned_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(4000, 6)
+    banned = torch.tensor([False, False, True, False, False, False])
+    draws = M.sample(logits, 1.0, 1.0, banned)
+    assert not (draws == 2).any()
+    # frequencies follow softmax(logits) over the allowed tokens (the Gumbel-max trick), row by row in expectation
+    p = logits.masked_fill(banned, float("-inf")).softmax(-1).mean(0)
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
+    # top_p keeps the smallest head reaching p: with p tiny, only the argmax survives
+    assert M.sample(logits, 1.0, 1e-6, banned).equal(M.sample(logits, 0, 1.0, banned))
 
 
 def test_generation_stops_at_end_of_turn(world, processor):
@@ -94,19 +115,19 @@ def test_generation_stops_at_end_of_turn(world, processor):
             super().__init__()
             self.calls = 0
 
-        def forward(self, h):
-            B = h.shape[0]
-            logits = torch.zeros(B, h.shape[1], len(tok))
-            for i in range(B):
-                logits[i, :, eos if self.calls > i else 100] = 10.0
+        def forward(self, h):  # (B, T, H) from generate(), (B, H) from the static loop
+            logits = torch.zeros(*h.shape[:-1], len(tok))
+            for i in range(h.shape[0]):
+                logits[i, ..., eos if self.calls > i else 100] = 10.0
             self.calls += 1
             return logits
 
-    infer.lm_head = Scripted()
     exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
     prompts = [data.render_chat(processor, ex) for ex in exs[:3]]
-    out = M.generate(infer, prompts, tok, "cpu", max_new_tokens=10, temperature=0)
-    assert out == [[100, eos], [100, 100, eos], [100, 100, 100, eos]]
+    for static in (False, True):
+        infer.lm_head = Scripted()
+        out = M.generate(infer, prompts, tok, "cpu", max_new_tokens=10, temperature=0, static=static)
+        assert out == [[100, eos], [100, 100, eos], [100, 100, 100, eos]]
     # the training item built from a rollout supervises exactly the generated tokens
     item = M.join_response(prompts[1], out[1])
     assert (item["labels"] != -100).sum() == 3 and item["labels"][-1] == eos
