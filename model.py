@@ -584,6 +584,8 @@ class Discriminator(PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
+        if not hasattr(config.text_config, "num_experts"):  # dense trunk: it has no experts implementation to set
+            config._experts_implementation = None
         self.model = AutoModel.from_config(config)
         self.dropout = nn.Dropout(0.1)
         self.score = nn.Linear(config.text_config.hidden_size, 1, bias=False)

@@ -190,6 +190,20 @@ def test_released_layout_loads_and_scores_at_the_last_token(world, processor, de
         torch.testing.assert_close(q, p.to(torch.bfloat16).float(), msg=n)
 
 
+def test_dense_discriminator_round_trips(processor, dense, tmp_path):
+    """The 1-expert ablation: a Discriminator over a dense Qwen3-VL trunk saves and loads back (a dense trunk has no
+    experts implementation to set)."""
+    disc = M.Discriminator(dense.config)
+    disc.model.load_state_dict(dense.model.state_dict())
+    if not dist.is_initialized():
+        M.init_dist()
+    M.save_hf(disc, processor, str(tmp_path), {})
+    again = M.load_discriminator(str(tmp_path), processor, torch.device("cpu"))
+    assert type(again.model).__name__ == "Qwen3VLModel"
+    for (n, p), (_, q) in zip(disc.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(q, p.to(torch.bfloat16).float(), msg=n)
+
+
 def test_hard_routing_obeys_the_segment_mask(world, processor, dense):
     moe = M.upcycle(dense, 4, 2, 0.01)
     disc = M.Discriminator(moe.config)
