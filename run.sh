@@ -79,6 +79,7 @@ done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --d
   --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$ALIGN_LR" \
   --disc-lr "$DISC_LR" --temperature "$TEMP" --save-every 10 --seed "$SEED" $DISC_ARGS
 
+[ "$PAR" = 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # concurrent processes: no CPU thread oversubscription
 for A in $ALGO; do
   for FROM in sft align; do
     say "stage 3: RL ($A) from $FROM -> $RUN/$FROM-rl-$A"

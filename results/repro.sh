@@ -8,6 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"0 1 2"}
+# several runs share the host's CPU cores: without a cap every process starts a thread per core and the CPU-side image
+# preprocessing crawls (a first attempt ran SFT 3x slower than a lone run)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 OUT=${OUT:-results/runs}
 mkdir -p "$OUT"
 first=${SEEDS%% *}
