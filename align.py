@@ -144,6 +144,7 @@ if __name__ == "__main__":
     # data
     p.add_argument("--data", default=None, help="alignment parquet: prompt, images, teacher_caption, teacher_cot")
     p.add_argument("--max-pixels", type=int, default=560 * 560, help="images are downscaled to at most this many pixels")
+    p.add_argument("--max-prompt-len", type=int, default=2048, help="drop (and count) prompts longer than this, images included")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
     # warm-up
     p.add_argument("--warmup-only", action="store_true", help="train the discriminator on pairs, save it to --out, stop")
@@ -365,6 +366,9 @@ if __name__ == "__main__":
                                                                                                   "teacher_cot"))
     if skipped:
         M.print0(f"skipped {len(skipped)} bad records of {args.data} (first: {skipped[0]})")
+    prompts, n_long = data.drop_long_prompts(processor, prompts, args.max_prompt_len, args.max_pixels)
+    if not prompts:
+        raise SystemExit(f"{args.data}: every prompt is longer than --max-prompt-len {args.max_prompt_len}")
     ref = None
     if args.kl_coef > 0:
         ref = M.shard(M.LogProbs(M.load_policy(args.policy, processor, device), args.temperature), device)
@@ -376,7 +380,8 @@ if __name__ == "__main__":
     P_rank = P // world
     M.print0(f"world {world} | {P} prompts x {G} rollouts per step ({P_rank * G} per rank) | {args.steps} steps | "
              f"disc {args.disc} experts {E or 1} segments {mode} routing {args.disc_routing} text-only {args.disc_text_only} | "
-             f"alpha {args.alpha} format-penalty {args.format_penalty} | lr {args.lr} / {args.disc_lr}")
+             f"alpha {args.alpha} format-penalty {args.format_penalty} | lr {args.lr} / {args.disc_lr} | {len(prompts)} prompts "
+             f"({n_long} over-long dropped)")
 
     start, pos, bad_in_row, n_skipped = 0, 0, 0, 0
     if (last := M.latest_checkpoint(ckpt_dir)) is not None:
@@ -515,7 +520,8 @@ if __name__ == "__main__":
                  f"len {rec['length']:.0f} | gen {t_gen:.1f}s score {t_score:.1f}s disc {t_disc:.1f}s "
                  f"policy {up['t_update']:.1f}s")
 
-    M.save_hf(policy, processor, args.out, {"stage": "align", **vars(args), "skipped_steps": n_skipped})
+    M.save_hf(policy, processor, args.out, {"stage": "align", **vars(args), "skipped_steps": n_skipped,
+                                            "dropped_long_prompts": n_long})
     os.makedirs(os.path.join(args.out, "disc"), exist_ok=True)
     M.save_hf(disc, processor, os.path.join(args.out, "disc"), {"stage": "align-disc", **vars(args)})
     M.print0(f"saved the policy to {args.out} and the discriminator to {os.path.join(args.out, 'disc')}")

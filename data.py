@@ -136,6 +136,15 @@ def render_chat(processor, ex, response=None, max_pixels=560 * 560, with_images=
     return out
 
 
+def drop_long_prompts(processor, examples, max_len, max_pixels=560 * 560):
+    """(the examples whose rendered prompt, images included, has at most max_len tokens, how many were dropped).
+    Over-long prompts are dropped and counted up front (every rank decides the same), never truncated."""
+    from tqdm import tqdm
+    kept = [ex for ex in tqdm(examples, desc="prompt lengths", leave=False, disable=len(examples) < 1000)
+            if len(render_chat(processor, ex, None, max_pixels)["input_ids"]) <= max_len]
+    return kept, len(examples) - len(kept)
+
+
 def stream_indices(n, seed, start, count):
     """Indices at positions [start, start + count) of an endless stream over n items: one seeded permutation per epoch,
     so a run resumed at a position continues exactly where it stopped (no item seen twice or skipped)."""

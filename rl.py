@@ -164,6 +164,7 @@ if __name__ == "__main__":
     p.add_argument("--data", required=True, help="RL parquet/JSONL: prompt, images, reward_model.ground_truth")
     p.add_argument("--eval-data", nargs="*", default=[], help="held-out parquet files for periodic eval.py evaluation")
     p.add_argument("--max-pixels", type=int, default=560 * 560, help="images are downscaled to at most this many pixels")
+    p.add_argument("--max-prompt-len", type=int, default=2048, help="drop (and count) prompts longer than this, images included")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
     # rollouts
     p.add_argument("--prompts", type=int, default=32, help="prompts per step (global); each has --group-size rollouts")
@@ -225,6 +226,9 @@ if __name__ == "__main__":
     prompts, skipped = data.read_examples(args.data, "prompt", skip_bad=args.skip_bad)
     if skipped:
         M.print0(f"skipped {len(skipped)} bad records of {args.data} (first: {skipped[0]})")
+    prompts, n_long = data.drop_long_prompts(processor, prompts, args.max_prompt_len, args.max_pixels)
+    if not prompts:
+        raise SystemExit(f"{args.data}: every prompt is longer than --max-prompt-len {args.max_prompt_len}")
     evals = {os.path.basename(f).rsplit(".", 1)[0]: data.read_examples(f, "prompt", skip_bad=args.skip_bad)[0]
              for f in args.eval_data}
     evals = {k: v[:args.eval_limit] if args.eval_limit else v for k, v in evals.items()}
@@ -239,7 +243,7 @@ if __name__ == "__main__":
     opt = M.make_optimizer(policy, args.lr, wd)
     M.print0(f"world {world} | {args.algo}: clip {clip_low}/{clip_high} dual-clip {clip_c} wd {wd} warm-up {warmup} | "
              f"{P} prompts x {G} rollouts = {P * G} sequences/step ({P_rank * G} per rank) | {args.mini_batches} mini-batches x "
-             f"{args.epochs} epochs | kl {args.kl_coef} | {len(prompts)} prompts, {args.steps} steps")
+             f"{args.epochs} epochs | kl {args.kl_coef} | {len(prompts)} prompts ({n_long} over-long dropped), {args.steps} steps")
 
     def rollout(pos, n_prompts):
         """Generate G responses for each of this rank's prompts at stream positions [pos, pos + n_prompts * world).
@@ -352,6 +356,7 @@ if __name__ == "__main__":
                  f"kept {kept_ratio:.2f} | gnorm {rec['grad_norm']:.3f} | gen {t_gen:.1f}s lp {up['t_logprobs']:.1f}s "
                  f"upd {up['t_update']:.1f}s")
 
-    M.save_hf(policy, processor, args.out, {"stage": f"rl-{args.algo}", **vars(args), "skipped_steps": n_skipped_steps})
+    M.save_hf(policy, processor, args.out, {"stage": f"rl-{args.algo}", **vars(args), "skipped_steps": n_skipped_steps,
+                                            "dropped_long_prompts": n_long})
     M.print0(f"saved {args.out}")
     dist.destroy_process_group()

@@ -260,3 +260,15 @@ def test_over_long_sft_examples_are_dropped_and_counted(world, processor, tmp_pa
     out = str(tmp_path / "sft")
     run("sft.py", *sft_args(world, out, max_len=max_len, micro_batch=4))
     assert [m["dropped"] for m in metrics(out) if "loss" in m] == expected
+
+
+def test_over_long_prompts_are_dropped_and_counted(world, processor, tiny_dirs, tmp_path):
+    prompts, _ = data.read_examples(os.path.join(world[0], "rl.parquet"), "prompt")
+    lengths = [len(data.render_chat(processor, ex)["input_ids"]) for ex in prompts]
+    limit = sorted(lengths)[len(lengths) // 2]
+    kept, n = data.drop_long_prompts(processor, prompts, limit)
+    assert n == sum(x > limit for x in lengths) > 0 and kept == [ex for ex, x in zip(prompts, lengths) if x <= limit]
+    # a limit no prompt fits: rl.py stops at start-up and says so
+    r = run("rl.py", *rl_args(world, tiny_dirs[0], str(tmp_path / "r"), max_prompt_len=min(lengths) - 1), check=False,
+            timeout=120)
+    assert r.returncode != 0 and "every prompt is longer than --max-prompt-len" in r.stdout + r.stderr
