@@ -20,11 +20,15 @@ import model as M
 from helpers import ENV, ROOT, checkpoint_params, last_checkpoint, metrics
 
 
-def run(name, *args, nproc=1, env=None, timeout=300, check=True):
+def command(name, args, nproc):
     """A stage script through tests/patched.py (torchrun --standalone when nproc > 1)."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       f"--nproc_per_node={nproc}"]
-    cmd = launcher + [os.path.join(ROOT, "tests", "patched.py"), name, *map(str, args)]
+    return launcher + [os.path.join(ROOT, "tests", "patched.py"), name, *map(str, args)]
+
+
+def run(name, *args, nproc=1, env=None, timeout=300, check=True):
+    cmd = command(name, args, nproc)
     r = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
@@ -33,10 +37,7 @@ def run(name, *args, nproc=1, env=None, timeout=300, check=True):
 
 def kill_after(name, args, nproc, env, marker, timeout=240):
     """Start the command, SIGKILL it and every process it started as soon as `marker` exists, return once it is dead."""
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={nproc}"]
-    cmd = launcher + [os.path.join(ROOT, "tests", "patched.py"), name, *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(name, args, nproc), cwd=ROOT, env={**ENV, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
