@@ -166,17 +166,18 @@ def write_report(run):
             ax.set(title="score gap: teacher - policy (3-step mean)", xlabel="alignment step")
             ax.legend()
             figs.append(("align_gap.png", fig))
-        # drift histograms per stage, with the teacher's distribution
+        # drift histograms per trained stage, with the teacher's distribution (black, dashed)
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
         teacher = next((r["eval"] for _, r in res.values() if "teacher_caption_hist" in r.get("eval", {})), None)
-        for label, (_, r) in list(res.items()) + ([("teacher", (None, {"eval": {
+        for label, (_, r) in [x for x in res.items() if x[0] != "base"] + ([("teacher", (None, {"eval": {
                 "caption_hist": teacher["teacher_caption_hist"], "steps_hist": teacher["teacher_steps_hist"]}}))]
-                                                  if teacher else []):
+                                                                           if teacher else []):
             for a, key in zip(ax, ("caption_hist", "steps_hist")):
                 vals = r.get("eval", {}).get(key) or []
                 if vals:
                     xs = sorted(set(vals))
-                    a.plot(xs, [vals.count(x) / len(vals) for x in xs], marker="o", label=label)
+                    style = dict(color="black", linestyle="--", linewidth=2) if label == "teacher" else {}
+                    a.plot(xs, [vals.count(x) / len(vals) for x in xs], marker="o", label=label, **style)
         ax[0].set(title="bullet items per caption", ylabel="share of responses")
         ax[1].set(title="reasoning steps per response")
         ax[0].legend(fontsize=7)
