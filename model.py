@@ -361,7 +361,7 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
     # a generated token's position, on all three M-RoPE axes: its index among the row's real tokens + the prompt's delta
     # (the vision tokens' positions compress), i.e. its cache slot - the row's left padding + the delta
     delta = rope_delta - (L - n_real)
-    mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(B, max_new_tokens)], 1)  # (B, L + new)
+    mask = torch.cat([am, am.new_ones(B, max_new_tokens)], 1)  # (B, L + new): padding masked, causality does the rest
     ban = torch.zeros(infer.config.text_config.vocab_size, dtype=torch.bool, device=device)
     ban[banned] = True
 
