@@ -168,12 +168,14 @@ def write_report(run):
             figs.append(("align_gap.png", fig))
         # drift histograms per trained stage, with the teacher's distribution (black, dashed)
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-        teacher = next((r["eval"] for _, r in res.values() if "teacher_caption_hist" in r.get("eval", {})), None)
-        for label, (_, r) in [x for x in res.items() if x[0] != "base"] + ([("teacher", (None, {"eval": {
-                "caption_hist": teacher["teacher_caption_hist"], "steps_hist": teacher["teacher_steps_hist"]}}))]
-                                                                           if teacher else []):
+        series = [(label, r.get("eval", {})) for label, (_, r) in res.items() if label != "base"]
+        teacher = next((e for _, e in series if "teacher_caption_hist" in e), None)
+        if teacher:
+            series.append(("teacher", {"caption_hist": teacher["teacher_caption_hist"],
+                                       "steps_hist": teacher["teacher_steps_hist"]}))
+        for label, e in series:
             for a, key in zip(ax, ("caption_hist", "steps_hist")):
-                vals = r.get("eval", {}).get(key) or []
+                vals = e.get(key) or []
                 if vals:
                     xs = sorted(set(vals))
                     style = dict(color="black", linestyle="--", linewidth=2) if label == "teacher" else {}

@@ -22,6 +22,12 @@ def script(name, *args, nproc=1, timeout=300, check=True):
     return r
 
 
+def argv(defaults, **overrides):
+    """Command-line arguments from {"--flag": value} defaults, with overrides given as flag_name=value."""
+    a = {**defaults, **{f"--{k.replace('_', '-')}": v for k, v in overrides.items()}}
+    return [x for kv in a.items() for x in kv]
+
+
 def metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -17,7 +17,8 @@ import torch
 
 import data
 import model as M
-from helpers import ENV, ROOT, checkpoint_params, last_checkpoint, metrics
+import test_sft
+from helpers import ENV, ROOT, argv, checkpoint_params, last_checkpoint, metrics
 
 
 def command(name, args, nproc):
@@ -81,16 +82,14 @@ def rl_args(world, policy, out, **kw):
     a = {"--policy": policy, "--data": os.path.join(world[0], "rl.parquet"), "--out": out, "--prompts": 2,
          "--group-size": 4, "--steps": 4, "--max-new-tokens": 16, "--lr": 1e-4, "--micro-batch": 2, "--save-every": 2,
          "--eval-every": 0}
-    a.update({f"--{k.replace('_', '-')}": v for k, v in kw.items()})
-    return [x for kv in a.items() for x in kv]
+    return argv(a, **kw)
 
 
 def align_args(world, policy, disc, out, **kw):
     a = {"--policy": policy, "--disc": disc, "--data": os.path.join(world[0], "align.parquet"), "--out": out,
          "--prompts": 2, "--group-size": 4, "--steps": 4, "--max-new-tokens": 16, "--lr": 1e-4, "--disc-lr": 1e-4,
          "--micro-batch": 2, "--disc-micro": 4, "--save-every": 2}
-    a.update({f"--{k.replace('_', '-')}": v for k, v in kw.items()})
-    return [x for kv in a.items() for x in kv]
+    return argv(a, **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -130,12 +129,8 @@ def test_two_processes_equal_one_and_kill_resume_is_bitwise(world, tiny_dirs, tm
 # -----------------------------------------------------------------------------
 # non-finite steps: skipped on every rank together, counted; K in a row stop the run
 
-def sft_args(world, out, **kw):
-    a = {"--init": "tiny", "--processor": os.path.join(world[0], "processor"), "--data": os.path.join(world[0], "sft.jsonl"),
-         "--out": out, "--val-size": 8, "--batch-size": 4, "--micro-batch": 2, "--steps": 3, "--eval-every": 0,
-         "--save-every": 0, "--warmup-ratio": 0}
-    a.update({f"--{k.replace('_', '-')}": v for k, v in kw.items()})
-    return [x for kv in a.items() for x in kv]
+def sft_args(world, out, **kw):  # test_sft.py's, with 2 examples per micro-batch and 3 steps
+    return test_sft.sft_args(world, out, **{"micro_batch": 2, "steps": 3, **kw})
 
 
 def test_nan_gradient_on_one_rank_skips_the_sft_step_on_both(world, tmp_path):

@@ -9,15 +9,14 @@ import time
 import pytest
 import torch
 
-from helpers import ENV, ROOT, checkpoint_params, last_checkpoint, metrics, script
+from helpers import ENV, ROOT, argv, checkpoint_params, last_checkpoint, metrics, script
 
 
 def sft_args(world, out, **kw):
     a = {"--init": "tiny", "--processor": os.path.join(world[0], "processor"), "--data": os.path.join(world[0], "sft.jsonl"),
          "--out": out, "--val-size": 8, "--batch-size": 4, "--micro-batch": 4, "--lr": 1e-4, "--steps": 1,
          "--eval-every": 0, "--save-every": 0, "--warmup-ratio": 0}
-    a.update({f"--{k.replace('_', '-')}": v for k, v in kw.items()})
-    return [x for kv in a.items() for x in kv]
+    return argv(a, **kw)
 
 
 def assert_params_close(a, b, atol):
