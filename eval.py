@@ -108,9 +108,9 @@ def table(results):
 def write_report(run):
     """RUN/report.md: one row per stage found under RUN (base, SFT, SFT + align, SFT + RL, SFT + align + RL), with accuracy
     on the held-out and hard splits, format rate, length and drift distances; PNG figures when matplotlib is installed."""
-    names = sorted(os.listdir(run))
     stages = [("base", "base"), ("sft", "SFT"), ("align", "SFT + align (PRISM)")]
-    for algo in [n.split("-rl-")[1] for n in names if n.startswith("sft-rl-")]:  # every RL algorithm run, both arms
+    runs = [n for n in os.listdir(run) if "-rl-" in n and os.path.isdir(os.path.join(run, n))]
+    for algo in sorted({n.split("-rl-")[1] for n in runs}):  # every RL algorithm run, both arms
         stages += [(f"sft-rl-{algo}", f"SFT + RL ({algo})"), (f"align-rl-{algo}", f"SFT + align + RL ({algo})")]
     res = {}
     for d, label in stages:

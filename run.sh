@@ -5,7 +5,8 @@
 # Knobs (environment): NPROC (processes; GPUs when present, default all of them or 1 on CPU), SEED (0), ALGO (grpo, dapo,
 # gspo or a list of them, e.g. "grpo dapo gspo"), QUICK=1 (a smoke run of a few minutes), RUN (output dir, default
 # runs/shapes-<config>-s<SEED>), DATA (data/shapes-s<SEED>), DISC_ARGS (extra align.py flags for the discriminator, e.g.
-# "--disc-experts 1" or "--disc-text-only": the paper's ablations). With one process on a GPU the RL runs and the
+# "--disc-experts 1" or "--disc-text-only": the paper's ablations), ARMS (the RL arms: "sft align", RL from the SFT policy
+# and from the aligned one; "align" alone for an ablation). With one process on a GPU the RL runs and the
 # evaluations share the GPU concurrently (each logs to RUN/<name>.log).
 # Re-running the same command resumes: finished stages are skipped, interrupted ones continue from their last checkpoint.
 set -euo pipefail
@@ -15,6 +16,7 @@ SEED=${SEED:-0}
 ALGO=${ALGO:-grpo}
 QUICK=${QUICK:-0}
 DISC_ARGS=${DISC_ARGS:-}
+ARMS=${ARMS:-sft align}
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   GPU=1; CONFIG=small; NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
 else
@@ -37,7 +39,7 @@ if [ "$QUICK" = 1 ]; then
   SFT_STEPS=40; WARM_EPOCHS=1; ALIGN_STEPS=3; RL_STEPS=3; EVAL_N=32; G=4; P=4; TEMP=0.7
 elif [ "$GPU" = 1 ]; then
   DATA_ARGS="--n-sft 16000 --n-align 512 --n-rl 2048 --n-eval 400 --n-hard 400 --n-warmup 2048"
-  SFT_STEPS=1000; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=40; EVAL_N=400; G=8; P=8; TEMP=1.0; RL_LR=3e-5
+  SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=40; EVAL_N=400; G=8; P=8; TEMP=1.0; RL_LR=3e-5
 else
   DATA_ARGS=""
   SFT_STEPS=600; WARM_EPOCHS=0.1; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=200; G=8; P=4; TEMP=0.7; DISC_LR=1e-4
@@ -81,7 +83,7 @@ done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --d
 
 [ "$PAR" = 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # concurrent processes: no CPU thread oversubscription
 for A in $ALGO; do
-  for FROM in sft align; do
+  for FROM in $ARMS; do
     say "stage 3: RL ($A) from $FROM -> $RUN/$FROM-rl-$A"
     done_ "$RUN/$FROM-rl-$A" || bg "$FROM-rl-$A" launch rl.py --policy "$RUN/$FROM" --algo "$A" --data "$DATA/rl.parquet" \
       --out "$RUN/$FROM-rl-$A" --steps "$RL_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$RL_LR" \
@@ -91,7 +93,7 @@ done
 join
 
 STAGES="base sft align"
-for A in $ALGO; do STAGES="$STAGES sft-rl-$A align-rl-$A"; done
+for A in $ALGO; do for FROM in $ARMS; do STAGES="$STAGES $FROM-rl-$A"; done; done
 for STAGE in $STAGES; do
   say "eval $STAGE"
   [ -f "$RUN/$STAGE/eval.json" ] || bg "eval-$STAGE" launch eval.py --model "$RUN/$STAGE" --data "$DATA/eval.parquet" \
