@@ -160,6 +160,8 @@ if __name__ == "__main__":
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; the update's log-probs use it too)")
     p.add_argument("--max-new-tokens", type=int, default=6144, help="response length limit in tokens")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
+    p.add_argument("--hf-generate", action="store_true", help="roll out with Hugging Face generate() (dynamic cache), the "
+                   "readable reference path, instead of the compiled static-cache decode loop used on GPUs")
     p.add_argument("--steps", type=int, default=500, help="alignment steps")
     p.add_argument("--lr", type=float, default=1e-6, help="policy lr (constant)")
     p.add_argument("--disc-lr", type=float, default=1e-6, help="discriminator lr (constant)")
@@ -186,6 +188,7 @@ if __name__ == "__main__":
     p.add_argument("--save-every", type=int, default=50, help="resume checkpoint every N steps (0: only at the end)")
     p.add_argument("--wandb", default=None, help="wandb project name (off when unset)")
     args = p.parse_args()
+    static = False if args.hf_generate else None  # M.generate: None = the decode loop on GPUs
 
     rank, world, device = M.init_dist()
     M.seed_all(args.seed)
@@ -244,7 +247,7 @@ if __name__ == "__main__":
                                                                                                       "teacher_cot"))
             mine = exs[rank::world]
             outs = M.generate(infer, [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine], tok, device,
-                              args.max_new_tokens, args.temperature, 1.0, args.gen_batch)
+                              args.max_new_tokens, args.temperature, 1.0, args.gen_batch, static)
             pairs = []
             for ex, o in zip(mine, outs):
                 seg = verify.split_response(tok.decode(o, skip_special_tokens=True))
@@ -406,7 +409,7 @@ if __name__ == "__main__":
         pos += P
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
         outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
-                          1.0, args.gen_batch)
+                          1.0, args.gen_batch, static)
         texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
         segs = [segments_of(t, mode) for t in texts]
         valid = torch.tensor([s is not None for s in segs])  # (P_rank * G,)

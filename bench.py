@@ -51,6 +51,10 @@ N = n_dec + cfg.vocab_size * cfg.hidden_size  # decoder + output layer (the inpu
 flops_tok = 6 * N + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * args.seq
 hf.to_empty(device=device)
 hf.tie_weights()
+for m in hf.modules():  # to_empty leaves the rotary tables uninitialised (NaN logits at random): recompute them
+    if hasattr(m, "inv_freq"):
+        m.__init__(m.config)
+        m.to(device)
 torch.manual_seed(0)
 with torch.no_grad():  # random weights, scaled like an init (values do not matter for speed, only finiteness)
     for p_ in hf.parameters():
@@ -101,11 +105,17 @@ if args.what == "rollout":
         res = {"what": "rollout", "config": args.config, "batch": B, "prompt_tokens": L, "new_tokens": args.new,
                "device": dev_name, "torch": torch.__version__}
         for name, fn in paths.items():
-            fn(2)  # warm-up (and compilation, where there is any)
+            fn(1), fn(args.new)  # warm-up, and compilation of both cache lengths where there is any
             t1, tn = timed(lambda: fn(1)), timed(lambda: fn(args.new))
             res[f"{name}_ms_per_step"] = (tn - t1) / (args.new - 1) * 1e3
             res[f"{name}_tok_s"] = B * (args.new - 1) / (tn - t1)
         res["ratio_static_vs_hf"] = res["hf_generate_ms_per_step"] / res["static_ms_per_step"]
+        # greedy agreement of the two paths on 32 tokens (bf16 kernels differ, so a near-tie can flip a random model's argmax)
+        a = M.decode(infer, batch, device, 32, eos, pad, [], temperature=0)
+        b = infer.generate(**M.model_inputs(batch, device), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                           pad_token_id=pad)[:, L:]
+        res["greedy_rows_equal"] = (a == b).all(1).float().mean().item()
+        res["greedy_tokens_equal"] = (a == b).float().mean().item()
         res["floor_ms_per_step"] = (w_bytes + B * kv_per_tok * (L + args.new / 2)) / 3.35e12 * 1e3
         res["peak_mem_gb"] = M.peak_mem_gb()
         emit(res)

@@ -339,16 +339,45 @@ def sample(logits, temperature, top_p, banned):
     return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
 
 
+def decode_step(lm, head, tok, slot, delta, mask, cache, temperature, top_p, ban):
+    """One decode step of the language model: tok (B,) written at cache slot `slot` (1,), delta (B, 1) the rows' position
+    offsets -> the next tokens (B,). On a GPU it runs compiled with CUDA graphs (decode below)."""
+    pos = (slot + delta).view(1, -1, 1).expand(4, -1, 1)  # text row + the three M-RoPE rows, (4, B, 1)
+    h = lm(inputs_embeds=lm.embed_tokens(tok[:, None]), position_ids=pos, attention_mask=mask, past_key_values=cache,
+           cache_position=slot, use_cache=True).last_hidden_state[:, -1]
+    return sample(head(h), temperature, top_p, ban)
+
+
+_compiled_step = None
+_caches = {}  # (model, batch, cache length) -> StaticCache: CUDA graphs replay on the same KV buffers, so they are kept
+
+
 @torch.no_grad()
 def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1.0, top_p=1.0, check_every=16):
-    """The fast rollout path: one prefill, then a decode loop over a static KV cache sized to this batch's need (longest
-    prompt + max_new_tokens); sampling stays on the device and the host looks at the `done` flags only every `check_every`
-    steps (early exit once every sequence has ended). Greedy output equals generate()'s (tested).
+    """The fast rollout path: one prefill, then a decode loop over a static KV cache (on a GPU the step is compiled with
+    CUDA graphs and the cache length rounded up to 256 tokens, so a few shapes serve every call); sampling stays on the
+    device and the host looks at the `done` flags only every `check_every` steps (early exit once every sequence has
+    ended). Greedy output equals generate()'s (tested).
     batch: collate(left=True) output. Returns the new tokens (B, n <= max_new_tokens), `pad` after each sequence's eos."""
+    global _compiled_step
     from transformers import StaticCache
     inputs = model_inputs(batch, device)
     B, L = inputs["input_ids"].shape
-    cache = StaticCache(config=infer.config, max_cache_len=L + max_new_tokens)
+    cuda = torch.device(device).type == "cuda"
+    n = -(-(L + max_new_tokens) // 256) * 256 if cuda else L + max_new_tokens  # cache slots
+    key = (id(infer), B, n)
+    cache = _caches.get(key)
+    if cache is None:
+        cache = StaticCache(config=infer.config, max_cache_len=n)
+    if cuda:  # kept for the next call (bounded: the lengths are rounded), emptied
+        _caches[key] = cache
+        cache.reset()
+    step = decode_step
+    if cuda:
+        if _compiled_step is None:
+            torch._dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length): a few per stage
+            _compiled_step = torch.compile(decode_step, mode="reduce-overhead", dynamic=False)
+        step = _compiled_step
     trunk_, am = infer.model, inputs["attention_mask"]
     n_real = am.sum(1, keepdim=True)  # (B, 1) tokens that are not left padding
     if "pixel_values" in inputs:  # prefill; the model computes the M-RoPE positions and their deltas from the image grids
@@ -360,34 +389,35 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
         rope_delta = 0
     # a generated token's position, on all three M-RoPE axes: its index among the row's real tokens + the prompt's delta
     # (the vision tokens' positions compress), i.e. its cache slot - the row's left padding + the delta
-    delta = rope_delta - (L - n_real)
-    mask = torch.cat([am, am.new_ones(B, max_new_tokens)], 1)  # (B, L + new): padding masked, causality does the rest
+    delta = (rope_delta - (L - n_real)).long()
+    mask = torch.cat([am, am.new_ones(B, n - L)], 1)  # (B, n): padding masked, causality does the rest
     ban = torch.zeros(infer.config.text_config.vocab_size, dtype=torch.bool, device=device)
     ban[banned] = True
-
-    def step(tok, slot):  # tok (B,) at cache slot `slot` (a 0-d tensor) -> the next tokens (B,)
-        pos = (slot + delta).view(1, B, 1).expand(4, B, 1)  # text row + the three M-RoPE rows
-        h = trunk_.language_model(inputs_embeds=trunk_.language_model.embed_tokens(tok[:, None]), position_ids=pos,
-                                  attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-        return sample(infer.lm_head(h), temperature, top_p, ban)
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    slot = torch.full((1,), L, dtype=torch.long, device=device)  # advanced on the device: no host copy per step
     tok = sample(infer.lm_head(h), temperature, top_p, ban)
     for t in range(max_new_tokens):
         out[:, t] = torch.where(done, pad, tok)
         done |= tok == eos
         if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
             return out[:, :t + 1]
-        tok = step(out[:, t], torch.tensor(L + t, device=device))
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output buffer may be reused now
+        tok = step(trunk_.language_model, infer.lm_head, out[:, t], slot, delta, mask, cache, temperature, top_p, ban)
+        slot += 1
     return out
 
 
 @torch.no_grad()
-def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64, static=False):
+def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64, static=None):
     """Sample one response per prompt encoding (repeat a prompt n times for n samples). Greedy when temperature == 0.
     Stops at the end-of-turn token. Returns a list of token-id lists, each ending with <|im_end|> unless cut at max_new_tokens.
     Runs on the plain inference copy: no collectives, so ranks that finish early never hang the others.
-    Hugging Face generate() (dynamic KV cache), or with static=True the static-cache decode loop above."""
+    static: the decode loop above (compiled, on a GPU); False: Hugging Face generate() with the dynamic KV cache, the
+    readable reference (the stages' --hf-generate); None: the decode loop on a GPU, generate() on the CPU, where the
+    uncompiled loop is no faster."""
+    static = torch.device(device).type == "cuda" if static is None else static
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     # special tokens other than the end of turn are never sampled: a stray <|image_pad|> in a response would break the

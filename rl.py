@@ -173,6 +173,8 @@ if __name__ == "__main__":
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--max-new-tokens", type=int, default=8192, help="response length limit in tokens")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
+    p.add_argument("--hf-generate", action="store_true", help="roll out with Hugging Face generate() (dynamic cache), the "
+                   "readable reference path, instead of the compiled static-cache decode loop used on GPUs")
     # optimisation
     p.add_argument("--steps", type=int, default=1500, help="RL steps")
     p.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant after the warm-up)")
@@ -199,6 +201,7 @@ if __name__ == "__main__":
     p.add_argument("--save-every", type=int, default=50, help="resume checkpoint every N steps (0: only at the end)")
     p.add_argument("--wandb", default=None, help="wandb project name (off when unset)")
     args = p.parse_args()
+    static = False if args.hf_generate else None  # M.generate: None = the decode loop on GPUs
     algo = ALGOS[args.algo]
     clip_low = algo["clip_low"] if args.clip_low is None else args.clip_low
     clip_high = algo["clip_high"] if args.clip_high is None else args.clip_high
@@ -251,7 +254,7 @@ if __name__ == "__main__":
         mine = [prompts[i] for i in data.stream_indices(len(prompts), args.seed, pos + rank * n_prompts, n_prompts)]
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
         outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
-                          args.top_p, args.gen_batch)
+                          args.top_p, args.gen_batch, static)
         groups = []
         for i, (ex, e) in enumerate(zip(mine, enc)):
             resp = outs[i * G:(i + 1) * G]
@@ -280,7 +283,7 @@ if __name__ == "__main__":
         if evals and (last_step or (args.eval_every and step % args.eval_every == 0)):
             for name, exs in evals.items():
                 r = E.evaluate(infer, processor, exs, device, max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
-                               desc=f"eval {name}")
+                               desc=f"eval {name}", static=static)
                 M.print0(f"step {step:05d}/{args.steps:05d} | eval {name} | acc {r['acc']:.3f} | format {r['format']:.3f} | "
                          f"len {r['length']:.1f}")
                 log({"step": step, "eval": True, f"eval_{name}_acc": r["acc"], f"eval_{name}_format": r["format"],
