@@ -17,8 +17,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import (AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, Qwen3VLConfig,
-                          Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
+from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModel, AutoModelForImageTextToText,
+                          AutoProcessor, PreTrainedModel, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                          Qwen3VLMoeForConditionalGeneration, StaticCache)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
 
 import data
@@ -339,6 +342,23 @@ def sample(logits, temperature, top_p, banned):
     return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
 
 
+def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+    """Attention of one new token per row that reads each K/V head once: the g = H / Hkv query heads sharing a K/V head
+    are g query rows of one attention over it (Hugging Face's SDPA path with a mask first copies K and V g times, which
+    made the decode step memory-bound on the copies). query (B, H, 1, D), key/value (B, Hkv, n, D), attention_mask
+    (B, 1, 1, n) bool or None; returns (B, 1, H, D). The prefill (longer queries) takes the SDPA path."""
+    B, H, q, D = query.shape
+    if q > 1 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+    out = F.scaled_dot_product_attention(query.view(B, key.shape[1], H // key.shape[1], D), key, value,
+                                         attn_mask=attention_mask, scale=scaling)  # (B, Hkv, g, D); query head = kv head * g + i
+    return out.reshape(B, 1, H, D), None
+
+
+AttentionInterface.register("gqa_decode", gqa_decode_attention)
+AttentionMaskInterface.register("gqa_decode", sdpa_mask)
+
+
 def decode_step(lm, head, tok, slot, delta, mask, cache, temperature, top_p, ban):
     """One decode step of the language model: tok (B,) written at cache slot `slot` (1,), delta (B, 1) the rows' position
     offsets -> the next tokens (B,). On a GPU it runs compiled with CUDA graphs (decode below)."""
@@ -355,58 +375,59 @@ _caches = {}  # (model, batch, cache length) -> StaticCache: CUDA graphs replay 
 @torch.no_grad()
 def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1.0, top_p=1.0, check_every=16):
     """The fast rollout path: one prefill, then a decode loop over a static KV cache (on a GPU the step is compiled with
-    CUDA graphs and the cache length rounded up to 256 tokens, so a few shapes serve every call); sampling stays on the
-    device and the host looks at the `done` flags only every `check_every` steps (early exit once every sequence has
-    ended). Greedy output equals generate()'s (tested).
+    CUDA graphs and the cache length rounded up to 256 tokens, so a few shapes serve every call; attention reads each K/V
+    head once, gqa_decode_attention); sampling stays on the device and the host looks at the `done` flags only every
+    `check_every` steps (early exit once every sequence has ended). Greedy output equals generate()'s (tested).
     batch: collate(left=True) output. Returns the new tokens (B, n <= max_new_tokens), `pad` after each sequence's eos."""
     global _compiled_step
-    from transformers import StaticCache
     inputs = model_inputs(batch, device)
     B, L = inputs["input_ids"].shape
     cuda = torch.device(device).type == "cuda"
     n = -(-(L + max_new_tokens) // 256) * 256 if cuda else L + max_new_tokens  # cache slots
-    key = (id(infer), B, n)
-    cache = _caches.get(key)
-    if cache is None:
-        cache = StaticCache(config=infer.config, max_cache_len=n)
-    if cuda:  # kept for the next call (bounded: the lengths are rounded), emptied
-        _caches[key] = cache
-        cache.reset()
+    cache = _caches.get((id(infer), B, n))
+    cache = StaticCache(config=infer.config, max_cache_len=n) if cache is None else cache
     step = decode_step
     if cuda:
+        _caches[id(infer), B, n] = cache  # kept for the next call (bounded: the lengths are rounded), emptied
+        cache.reset()
         if _compiled_step is None:
             torch._dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length): a few per stage
             _compiled_step = torch.compile(decode_step, mode="reduce-overhead", dynamic=False)
         step = _compiled_step
-    trunk_, am = infer.model, inputs["attention_mask"]
-    n_real = am.sum(1, keepdim=True)  # (B, 1) tokens that are not left padding
-    if "pixel_values" in inputs:  # prefill; the model computes the M-RoPE positions and their deltas from the image grids
-        h = trunk_(**inputs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-        rope_delta = trunk_.rope_deltas.view(B, 1)
-    else:  # text only: positions count the real tokens, as generate() does
-        pos = (am.cumsum(-1) - 1).clamp(min=0).view(1, B, L).expand(3, B, L)
-        h = trunk_(**inputs, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-        rope_delta = 0
-    # a generated token's position, on all three M-RoPE axes: its index among the row's real tokens + the prompt's delta
-    # (the vision tokens' positions compress), i.e. its cache slot - the row's left padding + the delta
-    delta = (rope_delta - (L - n_real)).long()
-    mask = torch.cat([am, am.new_ones(B, n - L)], 1)  # (B, n): padding masked, causality does the rest
-    ban = torch.zeros(infer.config.text_config.vocab_size, dtype=torch.bool, device=device)
-    ban[banned] = True
-    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    slot = torch.full((1,), L, dtype=torch.long, device=device)  # advanced on the device: no host copy per step
-    tok = sample(infer.lm_head(h), temperature, top_p, ban)
-    for t in range(max_new_tokens):
-        out[:, t] = torch.where(done, pad, tok)
-        done |= tok == eos
-        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
-            return out[:, :t + 1]
-        if cuda:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output buffer may be reused now
-        tok = step(trunk_.language_model, infer.lm_head, out[:, t], slot, delta, mask, cache, temperature, top_p, ban)
-        slot += 1
-    return out
+    text_cfg = infer.config.text_config  # the decoder's attention, for this call only (generate() keeps HF's SDPA)
+    attn, text_cfg._attn_implementation = text_cfg._attn_implementation, "gqa_decode"
+    try:
+        trunk_, am = infer.model, inputs["attention_mask"]
+        n_real = am.sum(1, keepdim=True)  # (B, 1) tokens that are not left padding
+        if "pixel_values" in inputs:  # prefill; the model computes the M-RoPE positions and their deltas from the images
+            h = trunk_(**inputs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            rope_delta = trunk_.rope_deltas.view(B, 1)
+        else:  # text only: positions count the real tokens, as generate() does
+            pos = (am.cumsum(-1) - 1).clamp(min=0).view(1, B, L).expand(3, B, L)
+            h = trunk_(**inputs, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            rope_delta = 0
+        # a generated token's position, on all three M-RoPE axes: its index among the row's real tokens + the prompt's
+        # delta (the vision tokens' positions compress), i.e. its cache slot - the row's left padding + the delta
+        delta = (rope_delta - (L - n_real)).long()
+        mask = torch.cat([am, am.new_ones(B, n - L)], 1)  # (B, n): padding masked, causality does the rest
+        ban = torch.zeros(text_cfg.vocab_size, dtype=torch.bool, device=device)
+        ban[banned] = True
+        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        slot = torch.full((1,), L, dtype=torch.long, device=device)  # advanced on the device: no host copy per step
+        tok = sample(infer.lm_head(h), temperature, top_p, ban)
+        for t in range(max_new_tokens):
+            out[:, t] = torch.where(done, pad, tok)
+            done |= tok == eos
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+                return out[:, :t + 1]
+            if cuda:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's output buffer may be reused now
+            tok = step(trunk_.language_model, infer.lm_head, out[:, t], slot, delta, mask, cache, temperature, top_p, ban)
+            slot += 1
+        return out
+    finally:
+        text_cfg._attn_implementation = attn
 
 
 @torch.no_grad()
