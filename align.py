@@ -160,8 +160,8 @@ if __name__ == "__main__":
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; the update's log-probs use it too)")
     p.add_argument("--max-new-tokens", type=int, default=6144, help="response length limit in tokens")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
-    p.add_argument("--hf-generate", action="store_true", help="roll out with Hugging Face generate() (dynamic cache), the "
-                   "readable reference path, instead of the compiled static-cache decode loop used on GPUs")
+    p.add_argument("--fast-decode", action="store_true", help="roll out with the static-cache decode loop (compiled with "
+                   "CUDA graphs on GPUs) instead of Hugging Face generate(); greedy-equal on CPU (tested), not yet verified on GPU")
     p.add_argument("--steps", type=int, default=500, help="alignment steps")
     p.add_argument("--lr", type=float, default=1e-6, help="policy lr (constant)")
     p.add_argument("--disc-lr", type=float, default=1e-6, help="discriminator lr (constant)")
@@ -188,7 +188,7 @@ if __name__ == "__main__":
     p.add_argument("--save-every", type=int, default=50, help="resume checkpoint every N steps (0: only at the end)")
     p.add_argument("--wandb", default=None, help="wandb project name (off when unset)")
     args = p.parse_args()
-    static = False if args.hf_generate else None  # M.generate: None = the decode loop on GPUs
+    static = args.fast_decode  # M.generate: the decode loop, or Hugging Face generate()
 
     rank, world, device = M.init_dist()
     M.seed_all(args.seed)

@@ -59,7 +59,7 @@ def drift(texts, teacher_texts):
 
 @torch.no_grad()
 def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max_new_tokens=512, max_pixels=560 * 560,
-             batch_size=64, desc="eval", static=None):
+             batch_size=64, desc="eval", static=False):
     """Greedy accuracy (+ mean and pass@k over `samples` sampled responses at `temperature` when samples > 0), format rate,
     mean length, drift statistics. Examples are split over ranks; the results are gathered so every rank returns the same."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -209,8 +209,8 @@ if __name__ == "__main__":
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples of each file (0: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--hf-generate", action="store_true", help="decode with Hugging Face generate() (dynamic cache), the "
-                   "readable reference path, instead of the compiled static-cache decode loop used on GPUs")
+    p.add_argument("--fast-decode", action="store_true", help="decode with the static-cache decode loop (compiled with "
+                   "CUDA graphs on GPUs) instead of Hugging Face generate(); greedy-equal on CPU (tested), not yet verified on GPU")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the --model directory")
     p.add_argument("--report", default=None, help="RUN_DIR: write RUN_DIR/report.md from its stages' eval.json and metrics")
     args = p.parse_args()
@@ -234,7 +234,7 @@ if __name__ == "__main__":
         exs = exs[:args.limit] if args.limit else exs
         name = os.path.basename(path).rsplit(".", 1)[0]
         results[name] = evaluate(infer, processor, exs, device, args.samples, args.temperature, args.max_new_tokens,
-                                 args.max_pixels, args.batch_size, desc=name, static=False if args.hf_generate else None)
+                                 args.max_pixels, args.batch_size, desc=name, static=args.fast_decode)
         results[name]["skipped"] = len(skipped)
     if rank == 0:
         out = args.out or os.path.join(args.model, "eval.json")

@@ -431,14 +431,12 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
 
 
 @torch.no_grad()
-def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64, static=None):
+def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64, static=False):
     """Sample one response per prompt encoding (repeat a prompt n times for n samples). Greedy when temperature == 0.
     Stops at the end-of-turn token. Returns a list of token-id lists, each ending with <|im_end|> unless cut at max_new_tokens.
     Runs on the plain inference copy: no collectives, so ranks that finish early never hang the others.
-    static: the decode loop above (compiled, on a GPU); False: Hugging Face generate() with the dynamic KV cache, the
-    readable reference (the stages' --hf-generate); None: the decode loop on a GPU, generate() on the CPU, where the
-    uncompiled loop is no faster."""
-    static = torch.device(device).type == "cuda" if static is None else static
+    Hugging Face generate() with the dynamic KV cache, or with static=True (the stages' --fast-decode) the decode loop
+    above, compiled on a GPU. generate() stays the default until the compiled loop's tokens are checked on a GPU."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     # special tokens other than the end of turn are never sampled: a stray <|image_pad|> in a response would break the

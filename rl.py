@@ -173,8 +173,8 @@ if __name__ == "__main__":
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--max-new-tokens", type=int, default=8192, help="response length limit in tokens")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
-    p.add_argument("--hf-generate", action="store_true", help="roll out with Hugging Face generate() (dynamic cache), the "
-                   "readable reference path, instead of the compiled static-cache decode loop used on GPUs")
+    p.add_argument("--fast-decode", action="store_true", help="roll out with the static-cache decode loop (compiled with "
+                   "CUDA graphs on GPUs) instead of Hugging Face generate(); greedy-equal on CPU (tested), not yet verified on GPU")
     # optimisation
     p.add_argument("--steps", type=int, default=1500, help="RL steps")
     p.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant after the warm-up)")
@@ -201,7 +201,7 @@ if __name__ == "__main__":
     p.add_argument("--save-every", type=int, default=50, help="resume checkpoint every N steps (0: only at the end)")
     p.add_argument("--wandb", default=None, help="wandb project name (off when unset)")
     args = p.parse_args()
-    static = False if args.hf_generate else None  # M.generate: None = the decode loop on GPUs
+    static = args.fast_decode  # M.generate: the decode loop, or Hugging Face generate()
     algo = ALGOS[args.algo]
     clip_low = algo["clip_low"] if args.clip_low is None else args.clip_low
     clip_high = algo["clip_high"] if args.clip_high is None else args.clip_high
