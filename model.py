@@ -665,7 +665,7 @@ class Discriminator(PreTrainedModel):
             for r in routers:
                 r.mask = None
         h = out.last_hidden_state[torch.arange(len(last_idx), device=device), last_idx.to(device)]  # (B, H)
-        scores = self.score(self.dropout(h)).squeeze(-1).float()
+        scores = self.score(self.dropout(h)).squeeze(-1).float().clone()  # not a view: FSDP2's backward hook stays on it
         aux = torch.zeros((), device=device)
         if with_aux and routers:
             tc = self.config.text_config
