@@ -179,7 +179,9 @@ if __name__ == "__main__":
     p.add_argument("--disc-updates-per-step", type=int, default=1, help="discriminator optimizer steps per game step")
     p.add_argument("--disc-warmup-steps", type=int, default=0, help="game steps that update only the discriminator")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip each model's global grad norm to this")
-    p.add_argument("--micro-batch", type=int, default=8, help="policy sequences per forward/backward per rank")
+    p.add_argument("--micro-batch", type=int, default=8, help="at most this many policy sequences per forward/backward per rank")
+    p.add_argument("--micro-tokens", type=int, default=0, help="and at most this many padded tokens (0: no cap); "
+                   "sequences are sorted by length into micro-batches")
     p.add_argument("--disc-micro", type=int, default=16, help="discriminator sequences per forward per rank")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite updates in a row")
@@ -497,7 +499,8 @@ if __name__ == "__main__":
             up = rl.update_policy(policy, opt_p, items, adv.tolist(), items[0], pad_id, device, algo="grpo",
                                   clip_low=args.clip_low, clip_high=args.clip_high, clip_c=args.clip_c,
                                   mini_batches=args.mini_batches, epochs=args.epochs, micro_batch=args.micro_batch,
-                                  grad_clip=args.grad_clip, lr=args.lr, ref=ref, kl_coef=args.kl_coef)
+                                  micro_tokens=args.micro_tokens, grad_clip=args.grad_clip, lr=args.lr, ref=ref,
+                                  kl_coef=args.kl_coef)
         n_skipped += up["skipped"] + d_skipped
         bad_in_row = bad_in_row + 1 if up["skipped"] or d_skipped else 0
         if bad_in_row >= args.max_bad_steps:

@@ -71,24 +71,38 @@ def keep_mixed_groups(rewards, group_size):
     return (r.max(1).values - r.min(1).values) > 1e-9
 
 
+def micro_groups(items, max_seqs, max_tokens=0):
+    """Indices of `items` in micro-batches: sorted by length, so a micro-batch pads little, each at most `max_seqs`
+    sequences and, when max_tokens > 0, at most `max_tokens` padded tokens (a longer sequence goes alone)."""
+    groups, cur = [], []
+    for i in sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"])):
+        if cur and (len(cur) == max_seqs or (max_tokens and len(items[i]["input_ids"]) * (len(cur) + 1) > max_tokens)):
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    return groups + [cur] * bool(cur)
+
+
 def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo, clip_low, clip_high, clip_c, mini_batches,
-                  epochs, micro_batch, grad_clip, lr, ref=None, kl_coef=0.0):
+                  epochs, micro_batch, grad_clip, lr, ref=None, kl_coef=0.0, micro_tokens=0):
     """The policy update on one rollout batch (also used by align.py): `mini_batches` optimizer steps per epoch, each over
-    this rank's share of the sequences, split into micro-batches. items: join_response dicts; adv: one advantage each.
+    this rank's share of the sequences, in length-sorted micro-batches (micro_groups: at most `micro_batch` sequences and
+    `micro_tokens` padded tokens). items: join_response dicts; adv: one advantage each.
     Normalisation is global: a micro-batch's local-mean loss is rescaled by its share of the mini-batch's tokens (GRPO/DAPO)
-    or sequences (GSPO) over all ranks. Every rank runs the same number of forwards (FSDP); a rank short of sequences
+    or sequences (GSPO) over all ranks. Every rank runs the same number of forwards (FSDP); a rank short of micro-batches
     runs `placeholder` with no supervised token. Returns the step's statistics."""
     ph = dict(placeholder)
     ph["labels"] = torch.full_like(ph["input_ids"], -100)  # no loss, no gradient
     per_mb = math.ceil(len(items) / mini_batches)
     mbs = [(items[i * per_mb:(i + 1) * per_mb], adv[i * per_mb:(i + 1) * per_mb]) for i in range(mini_batches)]
-    n_micro = max(M.all_max(math.ceil(per_mb / micro_batch), device), 1)
+    groups = [micro_groups(mb_items, micro_batch, micro_tokens) for mb_items, _ in mbs]
+    n_micro = [max(M.all_max(len(g), device), 1) for g in groups]  # the ranks agree on each mini-batch's forward count
 
-    def micro(mb_items, mb_adv):
-        for i in range(n_micro):
-            chunk = mb_items[i * micro_batch:(i + 1) * micro_batch]
-            a = mb_adv[i * micro_batch:(i + 1) * micro_batch]
-            yield (data.collate(chunk, pad_id), torch.tensor(a)) if chunk else (data.collate([ph], pad_id), torch.zeros(1))
+    def micro(j):
+        (mb_items, mb_adv), g = mbs[j], groups[j]
+        for i in range(n_micro[j]):
+            yield ((data.collate([mb_items[k] for k in g[i]], pad_id), torch.tensor([mb_adv[k] for k in g[i]]))
+                   if i < len(g) else (data.collate([ph], pad_id), torch.zeros(1)))
 
     # old log-probs: only off-policy updates need them (with one mini-batch and one epoch, old = current, ratio 1)
     t0 = time.time()
@@ -96,8 +110,8 @@ def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo,
     old, refs = {}, {}
     if not on_policy or ref is not None:
         with torch.no_grad():
-            for j, (mb_items, mb_adv) in enumerate(mbs):
-                for i, (b, _) in enumerate(micro(mb_items, mb_adv)):
+            for j in range(len(mbs)):
+                for i, (b, _) in enumerate(micro(j)):
                     if not on_policy:
                         old[j, i] = policy(b)
                     if ref is not None:
@@ -108,11 +122,11 @@ def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo,
     clip_n = tok_n = 0.0
     gnorms, losses, skipped = [], [], 0
     for epoch in range(epochs):
-        for j, (mb_items, mb_adv) in enumerate(mbs):
+        for j, (mb_items, _) in enumerate(mbs):
             n_tok = sum(int((it["labels"] != -100).sum()) for it in mb_items)
             denom_tok, denom_seq = M.all_sum([n_tok, len(mb_items)], device)
             loss_sum = 0.0
-            for i, (b, a) in enumerate(micro(mb_items, mb_adv)):
+            for i, (b, a) in enumerate(micro(j)):
                 logp = policy(b)  # (B, T) response-token log-probs, 0 elsewhere
                 mask = (b["labels"] != -100).to(device)
                 old_lp = old[j, i] if not on_policy else logp.detach()
@@ -182,7 +196,9 @@ if __name__ == "__main__":
     p.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up steps (default: per algorithm)")
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout batch (1 = on-policy)")
     p.add_argument("--epochs", type=int, default=1, help="passes over each rollout batch")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward per rank")
+    p.add_argument("--micro-batch", type=int, default=8, help="at most this many sequences per forward/backward per rank")
+    p.add_argument("--micro-tokens", type=int, default=0, help="and at most this many padded tokens (0: no cap); "
+                   "sequences are sorted by length into micro-batches")
     p.add_argument("--clip-low", type=float, default=None, help="ratio clip below 1 (default: per algorithm)")
     p.add_argument("--clip-high", type=float, default=None, help="ratio clip above 1 (default: per algorithm)")
     p.add_argument("--clip-c", type=float, default=None, help="dual-clip constant for A < 0 (default: per algorithm)")
@@ -338,8 +354,8 @@ if __name__ == "__main__":
         placeholder = items[0] if items else M.join_response(data.render_chat(processor, prompts[0]), [pad_id])
         up = update_policy(policy, opt, items, adv, placeholder, pad_id, device, algo=args.algo, clip_low=clip_low,
                            clip_high=clip_high, clip_c=clip_c, mini_batches=args.mini_batches, epochs=args.epochs,
-                           micro_batch=args.micro_batch, grad_clip=args.grad_clip, lr=lr_at(step), ref=ref,
-                           kl_coef=args.kl_coef)
+                           micro_batch=args.micro_batch, micro_tokens=args.micro_tokens, grad_clip=args.grad_clip,
+                           lr=lr_at(step), ref=ref, kl_coef=args.kl_coef)
         n_skipped_steps += up["skipped"]
         bad_in_row = bad_in_row + up["skipped"] if up["skipped"] else 0
         if bad_in_row >= args.max_bad_steps:

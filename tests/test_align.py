@@ -107,7 +107,9 @@ def test_discriminator_loss_fallback():
 # -----------------------------------------------------------------------------
 # the policy update with one mini-batch and one epoch is REINFORCE with the advantages
 
-def test_on_policy_update_is_reinforce(dist1, world, processor):
+@pytest.mark.parametrize("micro_batch,token_cap", [(3, 0), (1, 0), (4, 2)])
+def test_on_policy_update_is_reinforce(dist1, world, processor, micro_batch, token_cap):
+    # any micro-batching (length-sorted, capped by sequences or by padded tokens) gives the same update
     exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
     g = torch.Generator().manual_seed(0)
     items = [M.join_response(data.render_chat(processor, ex), torch.randint(20, 300, (n,), generator=g).tolist())
@@ -125,7 +127,8 @@ def test_on_policy_update_is_reinforce(dist1, world, processor):
     before = {n.removeprefix("hf."): p.detach().full_tensor().clone() for n, p in policy.named_parameters()}
     opt = torch.optim.SGD(policy.parameters(), lr=1.0)  # one SGD step of lr 1: the parameter change is minus the gradient
     rl.update_policy(policy, opt, items, adv, items[0], 0, dist1, algo="grpo", clip_low=0.2, clip_high=0.2, clip_c=3.0,
-                     mini_batches=1, epochs=1, micro_batch=3, grad_clip=1e9, lr=1.0)
+                     mini_batches=1, epochs=1, micro_batch=micro_batch, grad_clip=1e9, lr=1.0,
+                     micro_tokens=token_cap * max(len(it["input_ids"]) for it in items))
     for n, p in policy.named_parameters():
         n = n.removeprefix("hf.")
         torch.testing.assert_close(before[n] - p.detach().full_tensor(), want[n], atol=2e-6, rtol=1e-4)
