@@ -190,7 +190,6 @@ if __name__ == "__main__":
     p.add_argument("--save-every", type=int, default=50, help="resume checkpoint every N steps (0: only at the end)")
     p.add_argument("--wandb", default=None, help="wandb project name (off when unset)")
     args = p.parse_args()
-    static = args.fast_decode  # M.generate: the decode loop, or Hugging Face generate()
 
     rank, world, device = M.init_dist()
     M.seed_all(args.seed)
@@ -249,7 +248,7 @@ if __name__ == "__main__":
                                                                                                       "teacher_cot"))
             mine = exs[rank::world]
             outs = M.generate(infer, [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine], tok, device,
-                              args.max_new_tokens, args.temperature, 1.0, args.gen_batch, static)
+                              args.max_new_tokens, args.temperature, 1.0, args.gen_batch, args.fast_decode)
             pairs = []
             for ex, o in zip(mine, outs):
                 seg = verify.split_response(tok.decode(o, skip_special_tokens=True))
@@ -411,7 +410,7 @@ if __name__ == "__main__":
         pos += P
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
         outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
-                          1.0, args.gen_batch, static)
+                          1.0, args.gen_batch, args.fast_decode)
         texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
         segs = [segments_of(t, mode) for t in texts]
         valid = torch.tensor([s is not None for s in segs])  # (P_rank * G,)

@@ -217,7 +217,6 @@ if __name__ == "__main__":
     p.add_argument("--save-every", type=int, default=50, help="resume checkpoint every N steps (0: only at the end)")
     p.add_argument("--wandb", default=None, help="wandb project name (off when unset)")
     args = p.parse_args()
-    static = args.fast_decode  # M.generate: the decode loop, or Hugging Face generate()
     algo = ALGOS[args.algo]
     clip_low = algo["clip_low"] if args.clip_low is None else args.clip_low
     clip_high = algo["clip_high"] if args.clip_high is None else args.clip_high
@@ -270,7 +269,7 @@ if __name__ == "__main__":
         mine = [prompts[i] for i in data.stream_indices(len(prompts), args.seed, pos + rank * n_prompts, n_prompts)]
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
         outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
-                          args.top_p, args.gen_batch, static)
+                          args.top_p, args.gen_batch, args.fast_decode)
         groups = []
         for i, (ex, e) in enumerate(zip(mine, enc)):
             resp = outs[i * G:(i + 1) * G]
@@ -299,7 +298,7 @@ if __name__ == "__main__":
         if evals and (last_step or (args.eval_every and step % args.eval_every == 0)):
             for name, exs in evals.items():
                 r = E.evaluate(infer, processor, exs, device, max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
-                               desc=f"eval {name}", static=static)
+                               desc=f"eval {name}", static=args.fast_decode)
                 M.print0(f"step {step:05d}/{args.steps:05d} | eval {name} | acc {r['acc']:.3f} | format {r['format']:.3f} | "
                          f"len {r['length']:.1f}")
                 log({"step": step, "eval": True, f"eval_{name}_acc": r["acc"], f"eval_{name}_format": r["format"],

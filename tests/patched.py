@@ -24,7 +24,8 @@ VALID = "<caption>\n- row 1, column 1: red circle\n</caption>\n<think>\nI look.\
 RANK = int(os.environ.get("RANK", 0))
 
 
-def scripted_generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64, static=False):
+def scripted_generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64,
+                      static=False):
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]  # noqa: E731
     mode = os.environ["PATCH_GENERATE"]

@@ -38,7 +38,8 @@ def run(name, *args, nproc=1, env=None, timeout=300, check=True):
 
 def kill_after(name, args, nproc, env, marker, timeout=240):
     """Start the command, SIGKILL it and every process it started as soon as `marker` exists, return once it is dead."""
-    proc = subprocess.Popen(command(name, args, nproc), cwd=ROOT, env={**ENV, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(name, args, nproc), cwd=ROOT, env={**ENV, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
