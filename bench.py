@@ -14,32 +14,121 @@ rollout: decode time per step of the static-cache loop (model.decode) and of pla
 the same run, on the bf16 inference copy, for prompts of one image + text; ms per step is (time for --new tokens - time for
 1 token) / (--new - 1), so the prefill is excluded. The floor: bytes read per step (bf16 weights + the KV cache at the
 mean context) over 3.35 TB/s. Results are printed as JSON lines (and appended to --out).
+align: one full alignment step, i.e. align.py itself run on --steps steps (--config policy, an upcycled --disc-config
+discriminator with 4 experts, top-2), on --prompts prompts x --group-size rollouts of --new tokens, prompts of one
+448x448 image + --prompt text tokens, teacher segments of the same length as the responses; reports align.py's time split
+per step (generate / score / disc update / policy update) and the peak memory over ranks. The rollouts are decoded for
+real (random weights: nearly all of them run to --new tokens), then each is replaced by a format-valid response of the
+same token length: a random-weight policy never writes the format, and invalid rollouts skip scoring and the
+discriminator update. Saving is skipped (align.py saves only at the end of a run).
+
+    torchrun --nproc_per_node 4 bench.py align --config 4b --disc-config 2b --prompts 4 --group-size 16 --prompt 1800 \
+        --new 6144 --steps 2 --fast-decode --grad-ckpt
 """
 
 import argparse
+import io
 import json
+import os
+import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
+import data
 import model as M
 
 H100_BF16 = 989e12
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("what", choices=["train", "rollout"], help="which measurement")
+p.add_argument("what", choices=["train", "rollout", "align"], help="which measurement")
 p.add_argument("--config", default="4b", choices=list(M.CONFIGS), help="architecture (random weights)")
 p.add_argument("--processor", default="data/shapes/processor", help="any processor dir (special-token ids only)")
 p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
 p.add_argument("--batch", type=int, default=2, help="sequences per GPU per step")
 p.add_argument("--steps", type=int, default=6, help="timed steps (after 2 warm-up steps)")
 p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
+p.add_argument("--compile", action="store_true", help="train: torch.compile each decoder block")
 p.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256], help="rollout: sequences per decode batch")
 p.add_argument("--prompt", type=int, default=256, help="rollout: text tokens per prompt (plus one 448x448 image)")
 p.add_argument("--new", type=int, default=128, help="rollout: tokens generated per sequence")
+p.add_argument("--disc-config", default="2b", choices=list(M.CONFIGS), help="align: the dense model the discriminator "
+               "is upcycled from")
+p.add_argument("--prompts", type=int, default=4, help="align: prompts per step (global)")
+p.add_argument("--group-size", type=int, default=16, help="align: rollouts per prompt")
+p.add_argument("--micro-batch", type=int, default=8, help="align: policy sequences per forward/backward")
+p.add_argument("--gen-batch", type=int, default=64, help="align: sequences per generation call")
+p.add_argument("--fast-decode", action="store_true", help="align: roll out with the compiled static-cache loop")
 p.add_argument("--out", default=None, help="append the result JSON lines to this file")
 args = p.parse_args()
+dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def emit(res):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(res), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
+
+
+def bench_image():
+    png = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (448, 448, 3), dtype=np.uint8)).save(png, format="PNG")
+    return {"bytes": png.getvalue()}
+
+
+if args.what == "align":
+    # align.py runs as it is, in this process, on a parquet of --prompts records written here (the same on every rank)
+    import runpy
+    import tempfile
+
+    processor = M.load_processor(args.processor)
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    filler = ids(" shape")[-1]
+
+    def valid_response(n):
+        """A format-valid response of (about) n tokens ending in eos: a quarter caption block, the rest reasoning."""
+        head, mid, tail = ids("<caption>\n-"), ids("\n</caption>\n<think>\n"), ids("\n</think>\n<answer>1</answer>") + [eos]
+        k = max(0, n - len(head) - len(mid) - len(tail))
+        return head + [filler] * (k // 4) + mid + [filler] * (k - k // 4) + tail
+
+    text = lambda n: tok.decode([filler] * n)  # noqa: E731
+    tmp = tempfile.mkdtemp(prefix="bench-align-")
+    rows = [{"prompt": [{"role": "user", "content": "<image>\n" + text(args.prompt)}], "images": [bench_image()],
+             "reward_model": {"ground_truth": "1"}, "teacher_caption": "<caption>\n-" + text(args.new // 4) + "\n</caption>",
+             "teacher_cot": "<think>\n" + text(args.new - args.new // 4) + "\n</think>\n<answer>1</answer>"}
+            for _ in range(args.prompts)]
+    data.write_parquet(os.path.join(tmp, "align.parquet"), rows)
+    real_generate = M.generate
+
+    def generate_valid(*a, **k):  # the real decode (timed inside align.py), then same-length format-valid responses
+        return [valid_response(len(o)) for o in real_generate(*a, **k)]
+    M.generate = generate_valid
+    M.save_checkpoint = M.save_hf = lambda *a, **k: None  # a benchmark writes no weights
+    sys.argv = ["align.py", "--policy", args.config, "--disc", f"upcycle:{args.disc_config}", "--processor", args.processor,
+                "--data", os.path.join(tmp, "align.parquet"), "--out", tmp, "--steps", str(args.steps), "--prompts",
+                str(args.prompts), "--group-size", str(args.group_size), "--max-new-tokens", str(args.new),
+                "--max-prompt-len", str(args.prompt + 4096), "--gen-batch", str(args.gen_batch), "--micro-batch",
+                str(args.micro_batch), "--save-every", "0"] + ["--fast-decode"] * args.fast_decode + \
+        ["--grad-ckpt"] * args.grad_ckpt
+    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "align.py"), run_name="__main__")
+    if int(os.environ.get("RANK", 0)) != 0:  # rank 0 wrote the metrics
+        raise SystemExit(0)
+    recs = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
+    prompt_len = len(data.render_chat(processor, data.read_examples(os.path.join(tmp, "align.parquet"), "prompt")[0][0])[
+        "input_ids"])
+    emit({"what": "align", "config": args.config, "disc": f"upcycle:{args.disc_config} x4 top-2", "gpus":
+          int(os.environ.get("WORLD_SIZE", 1)), "prompts": args.prompts, "group_size": args.group_size, "prompt_tokens":
+          prompt_len, "new_tokens": args.new, "fast_decode": args.fast_decode, "grad_ckpt": args.grad_ckpt,
+          "steps": [{k: r[k] for k in ("step", "valid", "length", "t_gen", "t_score", "t_disc", "t_policy", "mem_gb")}
+                    for r in recs], "device": dev_name, "torch": torch.__version__})
+    raise SystemExit(0)
 
 rank, world, device = M.init_dist()
 processor = M.load_processor(args.processor)
@@ -59,30 +148,12 @@ torch.manual_seed(0)
 with torch.no_grad():  # random weights, scaled like an init (values do not matter for speed, only finiteness)
     for p_ in hf.parameters():
         p_.normal_(0, 0.02) if p_.ndim > 1 else p_.fill_(1.0)
-dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-
-
-def emit(res):
-    if rank == 0:
-        print(json.dumps(res), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(res) + "\n")
-
 
 if args.what == "rollout":
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    import data
     infer = M.make_inference_copy(hf, device)
     tok = processor.tokenizer
     eos, pad = -1, tok.convert_tokens_to_ids("<|endoftext|>")  # no eos: every sequence runs all --new steps
-    png = io.BytesIO()
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (448, 448, 3), dtype=np.uint8)).save(png, format="PNG")
-    img = {"bytes": png.getvalue()}
+    img = bench_image()
     words = " ".join(["shape"] * args.prompt)
     prompt = data.render_chat(processor, data.Example(question="<image>" + words, images=[img], where="bench"))
     L = len(prompt["input_ids"])
@@ -122,7 +193,7 @@ if args.what == "rollout":
     dist.destroy_process_group()
     raise SystemExit(0)
 
-policy = M.shard(M.LogProbs(hf), device, grad_ckpt=args.grad_ckpt)
+policy = M.shard(M.LogProbs(hf), device, grad_ckpt=args.grad_ckpt, compile=args.compile)
 opt = M.make_optimizer(policy, 1e-5, 0.0)
 ids = torch.randint(100, cfg.vocab_size, (args.batch, args.seq))
 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
@@ -144,9 +215,8 @@ for step in range(args.steps + 2):
 dt = sum(times) / len(times)
 tok_s = args.batch * args.seq / dt  # per GPU
 res = {"what": "train", "config": args.config, "gpus": world, "seq": args.seq, "batch_per_gpu": args.batch,
-       "grad_ckpt": args.grad_ckpt, "step_s": dt, "tok_s_per_gpu": tok_s, "mfu": tok_s * flops_tok / H100_BF16,
+       "grad_ckpt": args.grad_ckpt, "compile": args.compile, "step_s": dt, "tok_s_per_gpu": tok_s, "mfu": tok_s * flops_tok / H100_BF16,
        "peak_mem_gb": M.peak_mem_gb(), "params_b": sum(p.numel() for p in hf.parameters()) / 1e9,
        "device": dev_name, "torch": torch.__version__}
-res["peak_mem_gb"] = M.all_sum(res["peak_mem_gb"], device, dist.ReduceOp.MAX)
 emit(res)
 dist.destroy_process_group()

@@ -92,8 +92,12 @@ def metrics_logger(out, start, args):
 
 
 def peak_mem_gb():
-    """Peak GPU memory allocated by this process so far, in GB (0 on CPU)."""
-    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+    """Peak GPU memory allocated so far, in GB, the largest over ranks (a collective on GPUs; 0 on CPU)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    t = torch.tensor(torch.cuda.max_memory_allocated() / 1e9, device="cuda")
+    dist.all_reduce(t, dist.ReduceOp.MAX)
+    return t.item()
 
 
 def seed_all(seed):
@@ -187,9 +191,10 @@ def load_processor(path):
 # -----------------------------------------------------------------------------
 # FSDP2
 
-def shard(model, device, freeze_vision=False, grad_ckpt=False):
+def shard(model, device, freeze_vision=False, grad_ckpt=False, compile=False):
     """FSDP2: each vision block and decoder block, then the root. bf16 compute with fp32 master weights and fp32 gradient
-    reduction on GPU; fp32 on CPU. The gradient is summed over ranks, not averaged: losses are normalised globally."""
+    reduction on GPU; fp32 on CPU. The gradient is summed over ranks, not averaged: losses are normalised globally.
+    compile: torch.compile each decoder block (one compiled graph serves them all: fused norms, rotary and SwiGLU)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     hf = model.hf if isinstance(model, LogProbs) else model
@@ -206,6 +211,9 @@ def shard(model, device, freeze_vision=False, grad_ckpt=False):
     for block in list(trunk(model).visual.blocks) + list(trunk(model).language_model.layers):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if compile:
+        for block in trunk(model).language_model.layers:
+            block.compile()
     for m in model.modules():  # sum, don't average: the loss is already normalised by global counts
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
