@@ -140,6 +140,8 @@ if __name__ == "__main__":
                         "-> second half (hard routing, tests the 'dedicated experts' claim)")
     p.add_argument("--freeze-vision", action="store_true", help="the policy's vision tower gets no gradient")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder block of the policy (4B on GPUs: "
+                   "+25-33%% training tokens/s, bench/results; the first steps compile)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model directories")
     # data
     p.add_argument("--data", default=None, help="alignment parquet: prompt, images, teacher_caption, teacher_cot")
@@ -160,8 +162,8 @@ if __name__ == "__main__":
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; the update's log-probs use it too)")
     p.add_argument("--max-new-tokens", type=int, default=6144, help="response length limit in tokens")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
-    p.add_argument("--fast-decode", action="store_true", help="roll out with the static-cache decode loop (compiled with "
-                   "CUDA graphs on GPUs) instead of Hugging Face generate(); greedy-equal on CPU (tested), not yet verified on GPU")
+    p.add_argument("--hf-generate", action="store_true", help="roll out with Hugging Face generate() (dynamic cache), the "
+                   "readable reference path, instead of the static-cache decode loop (compiled with CUDA graphs on GPUs)")
     p.add_argument("--steps", type=int, default=500, help="alignment steps")
     p.add_argument("--lr", type=float, default=1e-6, help="policy lr (constant)")
     p.add_argument("--disc-lr", type=float, default=1e-6, help="discriminator lr (constant)")
@@ -248,7 +250,7 @@ if __name__ == "__main__":
                                                                                                       "teacher_cot"))
             mine = exs[rank::world]
             outs = M.generate(infer, [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine], tok, device,
-                              args.max_new_tokens, args.temperature, 1.0, args.gen_batch, args.fast_decode)
+                              args.max_new_tokens, args.temperature, 1.0, args.gen_batch, args.hf_generate)
             pairs = []
             for ex, o in zip(mine, outs):
                 seg = verify.split_response(tok.decode(o, skip_special_tokens=True))
@@ -377,7 +379,7 @@ if __name__ == "__main__":
     if args.kl_coef > 0:
         ref = M.shard(M.LogProbs(M.load_policy(args.policy, processor, device), args.temperature), device)
         ref.requires_grad_(False)
-    policy = M.shard(M.LogProbs(hf, args.temperature), device, args.freeze_vision, args.grad_ckpt)
+    policy = M.shard(M.LogProbs(hf, args.temperature), device, args.freeze_vision, args.grad_ckpt, args.compile)
     opt_p = M.make_optimizer(policy, args.lr, args.weight_decay)
     opt_d = M.make_optimizer(disc, args.disc_lr, args.weight_decay)
     P, G = args.prompts, args.group_size
@@ -410,7 +412,7 @@ if __name__ == "__main__":
         pos += P
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
         outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
-                          1.0, args.gen_batch, args.fast_decode)
+                          1.0, args.gen_batch, args.hf_generate)
         texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
         segs = [segments_of(t, mode) for t in texts]
         valid = torch.tensor([s is not None for s in segs])  # (P_rank * G,)

@@ -23,7 +23,7 @@ same token length: a random-weight policy never writes the format, and invalid r
 discriminator update. Saving is skipped (align.py saves only at the end of a run).
 
     torchrun --nproc_per_node 4 bench.py align --config 4b --disc-config 2b --prompts 4 --group-size 16 --prompt 1800 \
-        --new 6144 --steps 2 --fast-decode --grad-ckpt
+        --new 6144 --steps 2 --grad-ckpt
 """
 
 import argparse
@@ -61,7 +61,7 @@ p.add_argument("--prompts", type=int, default=4, help="align: prompts per step (
 p.add_argument("--group-size", type=int, default=16, help="align: rollouts per prompt")
 p.add_argument("--micro-batch", type=int, default=8, help="align: policy sequences per forward/backward")
 p.add_argument("--gen-batch", type=int, default=64, help="align: sequences per generation call")
-p.add_argument("--fast-decode", action="store_true", help="align: roll out with the compiled static-cache loop")
+p.add_argument("--hf-generate", action="store_true", help="align: roll out with generate() instead of the decode loop")
 p.add_argument("--out", default=None, help="append the result JSON lines to this file")
 args = p.parse_args()
 dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -115,7 +115,7 @@ if args.what == "align":
                 "--data", os.path.join(tmp, "align.parquet"), "--out", tmp, "--steps", str(args.steps), "--prompts",
                 str(args.prompts), "--group-size", str(args.group_size), "--max-new-tokens", str(args.new),
                 "--max-prompt-len", str(args.prompt + 4096), "--gen-batch", str(args.gen_batch), "--micro-batch",
-                str(args.micro_batch), "--save-every", "0"] + ["--fast-decode"] * args.fast_decode + \
+                str(args.micro_batch), "--save-every", "0"] + ["--hf-generate"] * args.hf_generate + \
         ["--grad-ckpt"] * args.grad_ckpt
     runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "align.py"), run_name="__main__")
     if int(os.environ.get("RANK", 0)) != 0:  # rank 0 wrote the metrics
@@ -125,7 +125,7 @@ if args.what == "align":
         "input_ids"])
     emit({"what": "align", "config": args.config, "disc": f"upcycle:{args.disc_config} x4 top-2", "gpus":
           int(os.environ.get("WORLD_SIZE", 1)), "prompts": args.prompts, "group_size": args.group_size, "prompt_tokens":
-          prompt_len, "new_tokens": args.new, "fast_decode": args.fast_decode, "grad_ckpt": args.grad_ckpt,
+          prompt_len, "new_tokens": args.new, "hf_generate": args.hf_generate, "grad_ckpt": args.grad_ckpt,
           "steps": [{k: r[k] for k in ("step", "valid", "length", "t_gen", "t_score", "t_disc", "t_policy", "mem_gb")}
                     for r in recs], "device": dev_name, "torch": torch.__version__})
     raise SystemExit(0)

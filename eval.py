@@ -59,7 +59,7 @@ def drift(texts, teacher_texts):
 
 @torch.no_grad()
 def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max_new_tokens=512, max_pixels=560 * 560,
-             batch_size=64, desc="eval", static=False):
+             batch_size=64, desc="eval", hf=False):
     """Greedy accuracy (+ mean and pass@k over `samples` sampled responses at `temperature` when samples > 0), format rate,
     mean length, drift statistics. Examples are split over ranks; the results are gathered so every rank returns the same."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -69,9 +69,9 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
     rows = []
     for i in tqdm(range(0, len(mine), batch_size), desc=desc, disable=rank != 0, leave=False):
         chunk, pr = mine[i:i + batch_size], prompts[i:i + batch_size]
-        greedy = M.generate(infer, pr, tok, device, max_new_tokens, temperature=0, static=static)
+        greedy = M.generate(infer, pr, tok, device, max_new_tokens, temperature=0, hf=hf)
         sampled = M.generate(infer, [q for q in pr for _ in range(samples)], tok, device, max_new_tokens, temperature,
-                             static=static) if samples else []
+                             hf=hf) if samples else []
         for j, ex in enumerate(chunk):
             text = tok.decode(greedy[j], skip_special_tokens=True)
             r = verify.reward(text, ex.answer, ex.equivalents)
@@ -209,8 +209,8 @@ if __name__ == "__main__":
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples of each file (0: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--fast-decode", action="store_true", help="decode with the static-cache decode loop (compiled with "
-                   "CUDA graphs on GPUs) instead of Hugging Face generate(); greedy-equal on CPU (tested), not yet verified on GPU")
+    p.add_argument("--hf-generate", action="store_true", help="decode with Hugging Face generate() (dynamic cache), the "
+                   "readable reference path, instead of the static-cache decode loop (compiled with CUDA graphs on GPUs)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the --model directory")
     p.add_argument("--report", default=None, help="RUN_DIR: write RUN_DIR/report.md from its stages' eval.json and metrics")
     args = p.parse_args()
@@ -234,7 +234,7 @@ if __name__ == "__main__":
         exs = exs[:args.limit] if args.limit else exs
         name = os.path.basename(path).rsplit(".", 1)[0]
         results[name] = evaluate(infer, processor, exs, device, args.samples, args.temperature, args.max_new_tokens,
-                                 args.max_pixels, args.batch_size, desc=name, static=args.fast_decode)
+                                 args.max_pixels, args.batch_size, desc=name, hf=args.hf_generate)
         results[name]["skipped"] = len(skipped)
     if rank == 0:
         out = args.out or os.path.join(args.model, "eval.json")

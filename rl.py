@@ -173,6 +173,8 @@ if __name__ == "__main__":
     p.add_argument("--algo", default="grpo", choices=list(ALGOS), help="grpo | dapo | gspo")
     p.add_argument("--freeze-vision", action="store_true", help="the vision tower gets no gradient")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder block of the policy (4B on GPUs: "
+                   "+25-33%% training tokens/s, bench/results; the first steps compile)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the --policy directory")
     # data
     p.add_argument("--data", required=True, help="RL parquet/JSONL: prompt, images, reward_model.ground_truth")
@@ -187,8 +189,8 @@ if __name__ == "__main__":
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--max-new-tokens", type=int, default=8192, help="response length limit in tokens")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generation call")
-    p.add_argument("--fast-decode", action="store_true", help="roll out with the static-cache decode loop (compiled with "
-                   "CUDA graphs on GPUs) instead of Hugging Face generate(); greedy-equal on CPU (tested), not yet verified on GPU")
+    p.add_argument("--hf-generate", action="store_true", help="roll out with Hugging Face generate() (dynamic cache), the "
+                   "readable reference path, instead of the static-cache decode loop (compiled with CUDA graphs on GPUs)")
     # optimisation
     p.add_argument("--steps", type=int, default=1500, help="RL steps")
     p.add_argument("--lr", type=float, default=1e-6, help="learning rate (constant after the warm-up)")
@@ -257,7 +259,7 @@ if __name__ == "__main__":
     if args.kl_coef > 0:  # a frozen reference only when the KL term is on
         ref = M.shard(M.LogProbs(M.load_policy(args.policy, processor, device), args.temperature), device)
         ref.requires_grad_(False)
-    policy = M.shard(M.LogProbs(hf, args.temperature), device, args.freeze_vision, args.grad_ckpt)
+    policy = M.shard(M.LogProbs(hf, args.temperature), device, args.freeze_vision, args.grad_ckpt, args.compile)
     opt = M.make_optimizer(policy, args.lr, wd)
     M.print0(f"world {world} | {args.algo}: clip {clip_low}/{clip_high} dual-clip {clip_c} wd {wd} warm-up {warmup} | "
              f"{P} prompts x {G} rollouts = {P * G} sequences/step ({P_rank * G} per rank) | {args.mini_batches} mini-batches x "
@@ -269,7 +271,7 @@ if __name__ == "__main__":
         mine = [prompts[i] for i in data.stream_indices(len(prompts), args.seed, pos + rank * n_prompts, n_prompts)]
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
         outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
-                          args.top_p, args.gen_batch, args.fast_decode)
+                          args.top_p, args.gen_batch, args.hf_generate)
         groups = []
         for i, (ex, e) in enumerate(zip(mine, enc)):
             resp = outs[i * G:(i + 1) * G]
@@ -298,7 +300,7 @@ if __name__ == "__main__":
         if evals and (last_step or (args.eval_every and step % args.eval_every == 0)):
             for name, exs in evals.items():
                 r = E.evaluate(infer, processor, exs, device, max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
-                               desc=f"eval {name}", static=args.fast_decode)
+                               desc=f"eval {name}", hf=args.hf_generate)
                 M.print0(f"step {step:05d}/{args.steps:05d} | eval {name} | acc {r['acc']:.3f} | format {r['format']:.3f} | "
                          f"len {r['length']:.1f}")
                 log({"step": step, "eval": True, f"eval_{name}_acc": r["acc"], f"eval_{name}_format": r["format"],

@@ -27,6 +27,8 @@ p.add_argument("--init", required=True, help="a Qwen3-VL HF directory, or a buil
 p.add_argument("--processor", default=None, help="processor directory (default: the --init directory)")
 p.add_argument("--freeze-vision", action="store_true", help="the vision tower gets no gradient")
 p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block (less memory, ~30%% slower)")
+p.add_argument("--compile", action="store_true", help="torch.compile each decoder block of the policy (4B on GPUs: "
+               "+25-33%% training tokens/s, bench/results; the first steps compile)")
 p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the --init directory")
 # data
 p.add_argument("--data", required=True, help="sharegpt JSON/JSONL with messages + images")
@@ -121,7 +123,7 @@ placeholder = data.render_chat(processor, train[0], train[0].response, args.max_
 
 hf = M.load_policy(args.init, processor, device, seed=args.seed, trust_remote_code=args.trust_remote_code)
 n_params = sum(p.numel() for p in hf.parameters())
-policy = M.shard(M.LogProbs(hf), device, args.freeze_vision, args.grad_ckpt)
+policy = M.shard(M.LogProbs(hf), device, args.freeze_vision, args.grad_ckpt, args.compile)
 opt = M.make_optimizer(policy, args.lr, args.weight_decay)
 warmup = int(args.warmup_ratio * steps)
 

@@ -23,6 +23,7 @@ wait
 # ---- phase B
 tr 0,1,2,3 4 --batch 2 --compile
 tr 0,1,2,3 4 --batch 4 --compile
+# (run at b98fb76 with --fast-decode, before the decode loop became the default rollout path)
 timeout 900 torchrun --standalone --nproc_per_node 4 bench.py align --config 4b --disc-config 2b --prompts 4 --group-size 16 \
-  --prompt 1800 --new 6144 --steps 2 --fast-decode --grad-ckpt --processor "$PROC" --out "$RES/align.jsonl" > "$RES/align.log" 2>&1
+  --prompt 1800 --new 6144 --steps 2 --grad-ckpt --processor "$PROC" --out "$RES/align.jsonl" > "$RES/align.log" 2>&1
 echo ALL DONE >> "$RES/done"

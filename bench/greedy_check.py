@@ -24,6 +24,7 @@ p.add_argument("--data", required=True, help="RL-format parquet/JSONL")
 p.add_argument("--limit", type=int, default=256, help="prompts")
 p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit")
 p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="generation batch sizes to compare at")
+p.add_argument("--fp32", action="store_true", help="run both paths in fp32 (default: bf16 on a GPU, as the stages do)")
 p.add_argument("--out", default=None, help="append the JSON line to this file")
 args = p.parse_args()
 
@@ -33,10 +34,12 @@ tok = processor.tokenizer
 exs = data.read_examples(args.data, "prompt")[0][:args.limit]
 prompts = [data.render_chat(processor, ex) for ex in exs]
 infer = M.make_inference_copy(M.load_policy(args.model, processor, device), device)
-res = {"model": args.model, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+infer = infer.float() if args.fp32 else infer
+res = {"model": args.model, "dtype": str(next(infer.parameters()).dtype), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+hf_runs = []
 for bs in args.batch_sizes:
-    outs = {static: M.generate(infer, prompts, tok, device, args.max_new_tokens, 0.0, 1.0, bs, static=static)
+    outs = {static: M.generate(infer, prompts, tok, device, args.max_new_tokens, 0.0, 1.0, bs, hf=not static)
             for static in (False, True)}
     a, b = outs[False], outs[True]
     same_tok = sum(x == y for r, s in zip(a, b) for x, y in zip(r, s))
@@ -46,6 +49,9 @@ for bs in args.batch_sizes:
                          "tokens_equal": same_tok / max(1, sum(max(len(r), len(s)) for r, s in zip(a, b))),
                          "acc_hf_generate": acc[False], "acc_static": acc[True],
                          "mean_len": sum(map(len, a)) / len(a)}
+    hf_runs.append(a)
+# the noise level of one path alone: generate() at the first vs the last batch size (batched bf16 kernels differ by shape)
+res["hf_generate_rows_equal_across_batch_sizes"] = sum(r == s for r, s in zip(hf_runs[0], hf_runs[-1])) / len(prompts)
 print(json.dumps(res), flush=True)
 if args.out:
     with open(args.out, "a") as f:

@@ -25,7 +25,7 @@ RANK = int(os.environ.get("RANK", 0))
 
 
 def scripted_generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64,
-                      static=False):
+                      hf=False):
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]  # noqa: E731
     mode = os.environ["PATCH_GENERATE"]

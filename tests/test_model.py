@@ -71,6 +71,21 @@ def test_fsdp_wrapped_logprobs_equal_plain(dist1, processor, items):
     torch.testing.assert_close(wrapped(b), plain, atol=1e-6, rtol=1e-6)
 
 
+def test_compiled_blocks_give_the_same_logprobs_and_gradients(dist1, processor, items):
+    # shard(compile=True) compiles each decoder block (the stages' --compile): same values as the eager blocks
+    b = data.collate(items[:2], pad_id=0)
+    out = []
+    for compile_ in (False, True):
+        policy = M.shard(M.LogProbs(M.load_policy("tiny", processor, dist1, seed=4)), dist1, compile=compile_)
+        lp = policy(b)
+        lp.sum().backward()
+        out.append((lp.detach(), {n: p.grad.full_tensor() for n, p in policy.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-5, rtol=1e-5)
+    assert out[0][1].keys() == out[1][1].keys() and len(out[0][1]) > 10
+    for n in out[0][1]:
+        torch.testing.assert_close(out[1][1][n], out[0][1][n], atol=1e-5, rtol=1e-4)
+
+
 def test_greedy_generation_is_deterministic_and_the_static_path_equals_hf(world, processor):
     hf = M.load_policy("tiny", processor, torch.device("cpu"), seed=1)
     infer = M.make_inference_copy(hf, torch.device("cpu"))
@@ -78,15 +93,15 @@ def test_greedy_generation_is_deterministic_and_the_static_path_equals_hf(world,
     text_only = data.Example(question="How many shapes are there? Answer with a number.", images=[], where="t")
     prompts = [data.render_chat(processor, ex) for ex in exs[:3]] + [data.render_chat(processor, text_only)]
     assert len({len(p["input_ids"]) for p in prompts}) > 1  # left padding in the batch
-    a = M.generate(infer, prompts, processor.tokenizer, "cpu", max_new_tokens=12, temperature=0)
-    b = M.generate(infer, prompts, processor.tokenizer, "cpu", max_new_tokens=12, temperature=0, batch_size=1)
+    a = M.generate(infer, prompts, processor.tokenizer, "cpu", max_new_tokens=12, temperature=0, hf=True)
+    b = M.generate(infer, prompts, processor.tokenizer, "cpu", max_new_tokens=12, temperature=0, batch_size=1, hf=True)
     assert a == b  # batching and left padding do not change greedy tokens
     assert all(len(r) == 12 for r in a)  # a random model does not stop early
     # the static-cache decode loop: the same greedy tokens (M-RoPE positions of images, padding, a text-only row)
     for bs in (4, 1):
-        assert M.generate(infer, prompts, processor.tokenizer, "cpu", 12, temperature=0, batch_size=bs, static=True) == a
+        assert M.generate(infer, prompts, processor.tokenizer, "cpu", 12, temperature=0, batch_size=bs) == a
     # ... and a text-only batch after an image batch (no stale rope deltas)
-    assert M.generate(infer, prompts[3:], processor.tokenizer, "cpu", 12, temperature=0, static=True) == a[3:]
+    assert M.generate(infer, prompts[3:], processor.tokenizer, "cpu", 12, temperature=0) == a[3:]
 
 
 def test_static_sampling_respects_top_p_and_banned_tokens():
@@ -140,9 +155,9 @@ def test_generation_stops_at_end_of_turn(world, processor):
 
     exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
     prompts = [data.render_chat(processor, ex) for ex in exs[:3]]
-    for static in (False, True):
+    for hf in (True, False):
         infer.lm_head = Scripted()
-        out = M.generate(infer, prompts, tok, "cpu", max_new_tokens=10, temperature=0, static=static)
+        out = M.generate(infer, prompts, tok, "cpu", max_new_tokens=10, temperature=0, hf=hf)
         assert out == [[100, eos], [100, 100, eos], [100, 100, 100, eos]]
     # the training item built from a rollout supervises exactly the generated tokens
     item = M.join_response(prompts[1], out[1])
