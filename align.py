@@ -182,8 +182,8 @@ if __name__ == "__main__":
     p.add_argument("--disc-warmup-steps", type=int, default=0, help="game steps that update only the discriminator")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip each model's global grad norm to this")
     p.add_argument("--micro-batch", type=int, default=8, help="at most this many policy sequences per forward/backward per rank")
-    p.add_argument("--micro-tokens", type=int, default=0, help="and at most this many padded tokens (0: no cap); "
-                   "sequences are sorted by length into micro-batches")
+    p.add_argument("--micro-tokens", type=int, default=16384, help="and at most this many padded tokens (0: no cap), so "
+                   "the activation memory stays bounded at long responses; sequences are sorted by length into micro-batches")
     p.add_argument("--disc-micro", type=int, default=16, help="discriminator sequences per forward per rank")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite updates in a row")

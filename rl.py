@@ -199,8 +199,8 @@ if __name__ == "__main__":
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout batch (1 = on-policy)")
     p.add_argument("--epochs", type=int, default=1, help="passes over each rollout batch")
     p.add_argument("--micro-batch", type=int, default=8, help="at most this many sequences per forward/backward per rank")
-    p.add_argument("--micro-tokens", type=int, default=0, help="and at most this many padded tokens (0: no cap); "
-                   "sequences are sorted by length into micro-batches")
+    p.add_argument("--micro-tokens", type=int, default=16384, help="and at most this many padded tokens (0: no cap), so "
+                   "the activation memory stays bounded at long responses; sequences are sorted by length into micro-batches")
     p.add_argument("--clip-low", type=float, default=None, help="ratio clip below 1 (default: per algorithm)")
     p.add_argument("--clip-high", type=float, default=None, help="ratio clip above 1 (default: per algorithm)")
     p.add_argument("--clip-c", type=float, default=None, help="dual-clip constant for A < 0 (default: per algorithm)")
