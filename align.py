@@ -209,8 +209,9 @@ if __name__ == "__main__":
         raise SystemExit("--warmup-only without --warmup-data builds pairs from policy rollouts: pass --policy and --data")
     if args.temperature <= 0:
         raise SystemExit(f"--temperature {args.temperature}: the game samples its rollouts, the temperature must be > 0")
-    if args.prompts % world:
-        raise SystemExit(f"--prompts {args.prompts} must be divisible by the world size {world} (groups live on one rank)")
+    if args.prompts * args.group_size % world:
+        raise SystemExit(f"--prompts x --group-size ({args.prompts} x {args.group_size}) must be divisible by the world size "
+                         f"{world} (each rank rolls out the same number of sequences)")
     if os.path.isfile(os.path.join(spec_dir, "preprocessor_config.json")) or \
             os.path.isfile(os.path.join(spec_dir, "processor_config.json")):
         # the discriminator reads the policy's tokens and pixels: its tokenizer and image processor must be the same
@@ -383,8 +384,8 @@ if __name__ == "__main__":
     opt_p = M.make_optimizer(policy, args.lr, args.weight_decay)
     opt_d = M.make_optimizer(disc, args.disc_lr, args.weight_decay)
     P, G = args.prompts, args.group_size
-    P_rank = P // world
-    M.print0(f"world {world} | {P} prompts x {G} rollouts per step ({P_rank * G} per rank) | {args.steps} steps | "
+    R = P * G // world  # rollouts per rank: rows [rank R, (rank + 1) R) of the step's P x G; with world > P a group spans ranks
+    M.print0(f"world {world} | {P} prompts x {G} rollouts per step ({R} per rank) | {args.steps} steps | "
              f"disc {args.disc} experts {E or 1} segments {mode} routing {args.disc_routing} text-only {args.disc_text_only} | "
              f"alpha {args.alpha} format-penalty {args.format_penalty} | lr {args.lr} / {args.disc_lr} | {len(prompts)} prompts "
              f"({n_long} over-long dropped)")
@@ -408,21 +409,23 @@ if __name__ == "__main__":
         t0 = time.time()
         M.sync_weights(policy, infer)
         torch.manual_seed(args.seed * 100003 + step * 101 + rank)
-        mine = [prompts[i] for i in data.stream_indices(len(prompts), args.seed, pos + rank * P_rank, P_rank)]
+        first = rank * R // G  # this rank's prompts: those of its rows
+        mine = [prompts[i] for i in data.stream_indices(len(prompts), args.seed, pos, P)[first:(rank * R + R - 1) // G + 1]]
+        pid = [(rank * R + j) // G - first for j in range(R)]  # (R,) each rollout's prompt in `mine`
         pos += P
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
-        outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
+        outs = M.generate(infer, [enc[k] for k in pid], tok, device, args.max_new_tokens, args.temperature,
                           1.0, args.gen_batch, args.hf_generate)
         texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
         segs = [segments_of(t, mode) for t in texts]
-        valid = torch.tensor([s is not None for s in segs])  # (P_rank * G,)
+        valid = torch.tensor([s is not None for s in segs])  # (R,)
         t_gen = time.time() - t0
 
         # ---- score (no grad, before the discriminator's update), advantages ---------------------------------------
         t1 = time.time()
         disc.eval()
         vi = [i for i in range(len(segs)) if segs[i] is not None]
-        ex_of = lambda i: mine[i // G]  # noqa: E731  the prompt of rollout row i
+        ex_of = lambda i: mine[pid[i]]  # noqa: E731  the prompt of rollout row i
         teach = [(ex.teacher_caption, ex.teacher_cot) if mode == "split" else
                  ((ex.teacher_caption + "\n" + ex.teacher_cot).strip(),) for ex in mine]
         pad = (mine[0], teach[0][0])
@@ -431,12 +434,18 @@ if __name__ == "__main__":
         sg = [s for t in teach for s in t] + [s for i in vi for s in segs[i][:nch]]
         with torch.no_grad():
             sc, _, _ = score(exs, sg, channels * (len(mine) + len(vi)), pad, clip=args.score_clip)
-        sc = sc.cpu().view(-1, nch)  # (P_rank + n_valid, channels)
-        t_s = sc[:len(mine)]  # (P_rank, channels) teacher scores
-        s_s = torch.full((len(segs), nch), float("nan"))  # (P_rank * G, channels) rollout scores, nan where invalid
+        sc = sc.cpu().view(-1, nch)  # (prompts here + n_valid, channels)
+        t_s = sc[:len(mine)]  # (prompts here, channels) teacher scores
+        s_s = torch.full((len(segs), nch), float("nan"))  # (R, channels) rollout scores, nan where invalid
         s_s[vi] = sc[len(mine):]
         t_cap, t_cot, s_cap, s_cot = t_s[:, 0], t_s[:, -1], s_s[:, 0], s_s[:, -1]
-        adv = alignment_advantages(s_cap, s_cot, valid, G, args.alpha if mode == "split" else 1.0, args.format_penalty)
+        # the group statistics need every rollout of the group: gather the step's P x G rows from all ranks, keep this rank's
+        here = torch.stack([s_cap, s_cot, valid.float()], 1).to(device)  # (R, 3)
+        parts = [torch.empty_like(here) for _ in range(world)]
+        dist.all_gather(parts, here)
+        g = torch.cat(parts).cpu()  # (P * G, 3)
+        adv = alignment_advantages(g[:, 0], g[:, 1], g[:, 2].bool(), G, args.alpha if mode == "split" else 1.0,
+                                   args.format_penalty)[rank * R:(rank + 1) * R]
         t_score = time.time() - t1
 
         # ---- discriminator update: teacher demonstration vs each valid rollout of its prompt ---------------------
@@ -450,7 +459,7 @@ if __name__ == "__main__":
             # scores, whose accumulated gradient then flows through the teacher forward in one backward at the end
             t_sc, _, t_tie = score([ex for ex in mine for _ in range(nch)], [s for t in teach for s in t],
                                    channels * len(mine), pad, grad=True)
-            t_sc = t_sc.view(-1, nch)  # (P_rank, channels)
+            t_sc = t_sc.view(-1, nch)  # (prompts here, channels)
             if n_pairs > 0:
                 t_leaf = t_sc.detach().requires_grad_(True)
                 per = max(1, args.disc_micro // nch)
@@ -462,7 +471,7 @@ if __name__ == "__main__":
                     s_sc, _, tie = score([ex_of(i) for i in rows for _ in range(nch)], [s for i in rows for s in segs[i][:nch]],
                                          channels * len(rows), pad, grad=True)
                     s_sc = s_sc.view(-1, nch)  # (pairs, channels)
-                    t_rows = t_leaf[[i // G for i in rows]]  # (pairs, channels): each pair's teacher score
+                    t_rows = t_leaf[[pid[i] for i in rows]]  # (pairs, channels): each pair's teacher score
                     v = torch.ones(len(rows), dtype=torch.bool, device=device)
                     if not rows:
                         loss = torch.zeros((), device=device)
@@ -494,7 +503,7 @@ if __name__ == "__main__":
         t_disc = time.time() - t2
 
         # ---- policy update: PPO clipped loss with the alignment advantages (REINFORCE when on-policy) -------------
-        items = [M.join_response(enc[i // G], outs[i]) for i in range(len(outs))]
+        items = [M.join_response(enc[pid[i]], outs[i]) for i in range(len(outs))]
         up = {"grad_norm": float("nan"), "t_update": 0.0, "skipped": 0}
         if step >= args.disc_warmup_steps:
             up = rl.update_policy(policy, opt_p, items, adv.tolist(), items[0], pad_id, device, algo="grpo",

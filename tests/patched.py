@@ -8,6 +8,7 @@ PATCH_GENERATE replaces model.generate:
   none-valid   no rank ever produces a valid response;
   mixed        a function of the prompt and the sample's index k within its group only (so 1 and 2 processes generate the
                same batch): even k a valid response answering str(k) (with k + 1 reasoning lines), odd k invalid text.
+               With PATCH_GROUP=G, k is the global row index (rank x rows per rank + i) mod G: for groups split over ranks.
 PATCH_NO_DROPOUT=1 turns dropout off (the discriminator's score dropout: 1 and 2 processes draw different masks).
 PATCH_NAN=RANK:CALLS poisons one gradient with NaN on that rank just before the given (1-based, comma-separated, or "all")
 calls of model.clip_grad, i.e. a non-finite gradient on one rank of a data-parallel step."""
@@ -37,6 +38,8 @@ def scripted_generate(infer, prompts, tokenizer, device, max_new_tokens, tempera
     out, k = [], 0
     for i, p in enumerate(prompts):
         k = k + 1 if i and p["input_ids"].equal(prompts[i - 1]["input_ids"]) else 0  # index within the group
+        if os.environ.get("PATCH_GROUP"):  # a group spread over ranks: the index within it, from the global row
+            k = (RANK * len(prompts) + i) % int(os.environ["PATCH_GROUP"])
         steps = "\n".join(f"step {j}" for j in range(k + 1))
         out.append(ids(f"<caption>\n- row 1, column {k % 3 + 1}: red circle\n</caption>\n<think>\n{steps}\n</think>\n"
                        f"<answer>{k}</answer>") if k % 2 == 0 else bad[:2 + k] + [eos])

@@ -127,6 +127,24 @@ def test_two_processes_equal_one_and_kill_resume_is_bitwise(world, tiny_dirs, tm
     assert timeless(killed) == timeless(two)  # the metrics continue the same curve
 
 
+def test_a_group_split_over_two_processes_equals_one_process(world, tiny_dirs, tmp_path):
+    """align.py with fewer prompts than processes (the paper's 4 prompts on 8 GPUs): one prompt's 4 rollouts over 2 ranks.
+    The advantage gathers the group's scores from both; weights and logged scores equal the 1-process run's."""
+    policy, disc = tiny_dirs
+    env = {**MIXED, "PATCH_NO_DROPOUT": "1", "PATCH_GROUP": "4"}
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    for out, n in ((one, 1), (two, 2)):
+        run("align.py", *align_args(world, policy, disc, out, prompts=1, steps=2, save_every=0), nproc=n, env=env)
+    assert_same_params(checkpoint_params(last_checkpoint(one)), checkpoint_params(last_checkpoint(two)), atol=2e-6)
+    assert_same_params(checkpoint_params(last_checkpoint(one), "disc."), checkpoint_params(last_checkpoint(two), "disc."),
+                       atol=1e-5)
+    m1, m2 = ([m for m in metrics(o) if "valid" in m] for o in (one, two))
+    assert [m["valid"] for m in m1] == [m["valid"] for m in m2] == [0.5, 0.5]  # 2 of the 4 scripted rollouts are valid
+    for a, b in zip(m1, m2):
+        for k in ("student_cap", "student_cot", "teacher_cap", "d_loss"):
+            assert abs(a[k] - b[k]) < 1e-4, k
+
+
 # -----------------------------------------------------------------------------
 # non-finite steps: skipped on every rank together, counted; K in a row stop the run
 
@@ -205,6 +223,9 @@ def test_wrong_configurations_are_refused(world, tiny_dirs, tmp_path, processor)
     # a world size that does not divide the prompts per step
     r = run("rl.py", *rl_args(world, policy, str(tmp_path / "r"), prompts=3), nproc=2, check=False, timeout=120)
     assert r.returncode != 0 and "--prompts 3 must be divisible by the world size 2" in r.stdout + r.stderr
+    r = run("align.py", *align_args(world, policy, disc, str(tmp_path / "a3"), prompts=1, group_size=3), nproc=2, check=False,
+            timeout=120)
+    assert r.returncode != 0 and "--prompts x --group-size (1 x 3) must be divisible by the world size 2" in r.stdout + r.stderr
 
 
 # -----------------------------------------------------------------------------
