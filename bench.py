@@ -49,7 +49,7 @@ p.add_argument("--config", default="4b", choices=list(M.CONFIGS), help="architec
 p.add_argument("--processor", default="data/shapes/processor", help="any processor dir (special-token ids only)")
 p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
 p.add_argument("--batch", type=int, default=2, help="sequences per GPU per step")
-p.add_argument("--steps", type=int, default=6, help="timed steps (after 2 warm-up steps)")
+p.add_argument("--steps", type=int, default=6, help="train: timed steps (after 2 warm-up steps); align: alignment steps")
 p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
 p.add_argument("--compile", action="store_true", help="train: torch.compile each decoder block")
 p.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256], help="rollout: sequences per decode batch")
