@@ -62,6 +62,8 @@ p.add_argument("--group-size", type=int, default=16, help="align: rollouts per p
 p.add_argument("--micro-batch", type=int, default=8, help="align: policy sequences per forward/backward")
 p.add_argument("--gen-batch", type=int, default=64, help="align: sequences per generation call")
 p.add_argument("--hf-generate", action="store_true", help="align: roll out with generate() instead of the decode loop")
+p.add_argument("--free-kv", action="store_true", help="align: free the decode loop's KV caches after each rollout phase (an "
+               "experiment: less memory in the updates; the CUDA graphs re-record on the next phase's new buffers)")
 p.add_argument("--out", default=None, help="append the result JSON lines to this file")
 args = p.parse_args()
 dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -108,7 +110,10 @@ if args.what == "align":
     real_generate = M.generate
 
     def generate_valid(*a, **k):  # the real decode (timed inside align.py), then same-length format-valid responses
-        return [valid_response(len(o)) for o in real_generate(*a, **k)]
+        outs = real_generate(*a, **k)
+        if args.free_kv:
+            M._caches.clear()
+        return [valid_response(len(o)) for o in outs]
     M.generate = generate_valid
     M.save_checkpoint = M.save_hf = lambda *a, **k: None  # a benchmark writes no weights
     sys.argv = ["align.py", "--policy", args.config, "--disc", f"upcycle:{args.disc_config}", "--processor", args.processor,
@@ -125,7 +130,7 @@ if args.what == "align":
         "input_ids"])
     emit({"what": "align", "config": args.config, "disc": f"upcycle:{args.disc_config} x4 top-2", "gpus":
           int(os.environ.get("WORLD_SIZE", 1)), "prompts": args.prompts, "group_size": args.group_size, "prompt_tokens":
-          prompt_len, "new_tokens": args.new, "hf_generate": args.hf_generate, "grad_ckpt": args.grad_ckpt,
+          prompt_len, "new_tokens": args.new, "hf_generate": args.hf_generate, "free_kv": args.free_kv, "grad_ckpt": args.grad_ckpt,
           "steps": [{k: r[k] for k in ("step", "valid", "length", "t_gen", "t_score", "t_disc", "t_policy", "mem_gb")}
                     for r in recs], "device": dev_name, "torch": torch.__version__})
     raise SystemExit(0)
