@@ -126,13 +126,13 @@ if args.what == "align":
     if int(os.environ.get("RANK", 0)) != 0:  # rank 0 wrote the metrics
         raise SystemExit(0)
     recs = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
-    prompt_len = len(data.render_chat(processor, data.read_examples(os.path.join(tmp, "align.parquet"), "prompt")[0][0])[
-        "input_ids"])
+    ex = data.Example(question=rows[0]["prompt"][0]["content"], images=rows[0]["images"], where="bench")
     emit({"what": "align", "config": args.config, "disc": f"upcycle:{args.disc_config} x4 top-2", "gpus":
           int(os.environ.get("WORLD_SIZE", 1)), "prompts": args.prompts, "group_size": args.group_size, "prompt_tokens":
-          prompt_len, "new_tokens": args.new, "hf_generate": args.hf_generate, "free_kv": args.free_kv, "grad_ckpt": args.grad_ckpt,
+          len(data.render_chat(processor, ex)["input_ids"]), "new_tokens": args.new, "hf_generate": args.hf_generate,
+          "free_kv": args.free_kv, "grad_ckpt": args.grad_ckpt, "device": dev_name, "torch": torch.__version__,
           "steps": [{k: r[k] for k in ("step", "valid", "length", "t_gen", "t_score", "t_disc", "t_policy", "mem_gb")}
-                    for r in recs], "device": dev_name, "torch": torch.__version__})
+                    for r in recs]})
     raise SystemExit(0)
 
 rank, world, device = M.init_dist()
@@ -186,12 +186,7 @@ if args.what == "rollout":
             res[f"{name}_ms_per_step"] = (tn - t1) / (args.new - 1) * 1e3
             res[f"{name}_tok_s"] = B * (args.new - 1) / (tn - t1)
         res["ratio_static_vs_hf"] = res["hf_generate_ms_per_step"] / res["static_ms_per_step"]
-        # greedy agreement of the two paths on 32 tokens (bf16 kernels differ, so a near-tie can flip a random model's argmax)
-        a = M.decode(infer, batch, device, 32, eos, pad, [], temperature=0)
-        b = infer.generate(**M.model_inputs(batch, device), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                           pad_token_id=pad)[:, L:]
-        res["greedy_rows_equal"] = (a == b).all(1).float().mean().item()
-        res["greedy_tokens_equal"] = (a == b).float().mean().item()
+        # (same tokens? a random model's near-uniform logits flip under bf16 rounding: bench/greedy_check.py, trained policy)
         res["floor_ms_per_step"] = (w_bytes + B * kv_per_tok * (L + args.new / 2)) / 3.35e12 * 1e3
         res["peak_mem_gb"] = M.peak_mem_gb()
         emit(res)
@@ -220,7 +215,8 @@ for step in range(args.steps + 2):
 dt = sum(times) / len(times)
 tok_s = args.batch * args.seq / dt  # per GPU
 res = {"what": "train", "config": args.config, "gpus": world, "seq": args.seq, "batch_per_gpu": args.batch,
-       "grad_ckpt": args.grad_ckpt, "compile": args.compile, "step_s": dt, "tok_s_per_gpu": tok_s, "mfu": tok_s * flops_tok / H100_BF16,
+       "grad_ckpt": args.grad_ckpt, "compile": args.compile, "step_s": dt, "tok_s_per_gpu": tok_s,
+       "mfu": tok_s * flops_tok / H100_BF16,
        "peak_mem_gb": M.peak_mem_gb(), "params_b": sum(p.numel() for p in hf.parameters()) / 1e9,
        "device": dev_name, "torch": torch.__version__}
 emit(res)
