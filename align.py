@@ -351,7 +351,7 @@ if __name__ == "__main__":
                 if bad_in_row >= args.max_bad_steps:
                     raise SystemExit(f"{bad_in_row} non-finite steps in a row: stopping. Lower --warmup-lr or check the data.")
             opt.zero_grad(set_to_none=True)
-            tot = M.all_sum([float(loss_pairs.sum()), float(cw.sum()), float(tw.sum()), float(aux)], device)
+            tot = M.all_sum([float(loss_pairs.detach().sum()), float(cw.sum()), float(tw.sum()), float(aux.detach())], device)
             rec = {"step": step + 1, "d_loss": tot[0] / B, "cap_acc": tot[1] / B, "cot_acc": tot[2] / B,
                    "aux": tot[3] / world, "lr": lr, "grad_norm": gnorm, "skipped_steps": n_skipped, "dt": time.time() - t0}
             log(rec)
