@@ -44,26 +44,24 @@ import model as M
 H100_BF16 = 989e12
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("what", choices=["train", "rollout", "align"], help="which measurement")
+p.add_argument("what", choices=["train", "rollout", "align", "rl"], help="which measurement")
 p.add_argument("--config", default="4b", choices=list(M.CONFIGS), help="architecture (random weights)")
 p.add_argument("--processor", default="data/shapes/processor", help="any processor dir (special-token ids only)")
 p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
 p.add_argument("--batch", type=int, default=2, help="sequences per GPU per step")
-p.add_argument("--steps", type=int, default=6, help="train: timed steps (after 2 warm-up steps); align: alignment steps")
+p.add_argument("--steps", type=int, default=6, help="train: timed steps (after 2 warm-up steps); align, rl: stage steps")
 p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
 p.add_argument("--compile", action="store_true", help="train: torch.compile each decoder block")
 p.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256], help="rollout: sequences per decode batch")
-p.add_argument("--prompt", type=int, default=256, help="rollout: text tokens per prompt (plus one 448x448 image)")
-p.add_argument("--new", type=int, default=128, help="rollout: tokens generated per sequence")
+p.add_argument("--prompt", type=int, default=256, help="rollout, align, rl: text tokens per prompt (plus one 448x448 image)")
+p.add_argument("--new", type=int, default=128, help="rollout, align, rl: tokens generated per sequence")
 p.add_argument("--disc-config", default="2b", choices=list(M.CONFIGS), help="align: the dense model the discriminator "
                "is upcycled from")
-p.add_argument("--prompts", type=int, default=4, help="align: prompts per step (global)")
-p.add_argument("--group-size", type=int, default=16, help="align: rollouts per prompt")
-p.add_argument("--micro-batch", type=int, default=8, help="align: policy sequences per forward/backward")
-p.add_argument("--gen-batch", type=int, default=64, help="align: sequences per generation call")
-p.add_argument("--hf-generate", action="store_true", help="align: roll out with generate() instead of the decode loop")
-p.add_argument("--free-kv", action="store_true", help="align: free the decode loop's KV caches after each rollout phase (an "
-               "experiment: less memory in the updates; the CUDA graphs re-record on the next phase's new buffers)")
+p.add_argument("--prompts", type=int, default=4, help="align, rl: prompts per step (global)")
+p.add_argument("--group-size", type=int, default=16, help="align, rl: rollouts per prompt")
+p.add_argument("--micro-batch", type=int, default=8, help="align, rl: policy sequences per forward/backward (at most)")
+p.add_argument("--gen-batch", type=int, default=64, help="align, rl: sequences per generation call")
+p.add_argument("--hf-generate", action="store_true", help="align, rl: roll out with generate() instead of the decode loop")
 p.add_argument("--out", default=None, help="append the result JSON lines to this file")
 args = p.parse_args()
 dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -83,8 +81,9 @@ def bench_image():
     return {"bytes": png.getvalue()}
 
 
-if args.what == "align":
-    # align.py runs as it is, in this process, on a parquet of --prompts records written here (the same on every rank)
+if args.what in ("align", "rl"):
+    # the stage's script runs as it is, in this process, on a parquet of --prompts records written here (the same on
+    # every rank: align.py reads the teacher fields, rl.py the ground truth)
     import runpy
     import tempfile
 
@@ -94,45 +93,52 @@ if args.what == "align":
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     filler = ids(" shape")[-1]
 
-    def valid_response(n):
+    def valid_response(n, answer):
         """A format-valid response of (about) n tokens ending in eos: a quarter caption block, the rest reasoning."""
-        head, mid, tail = ids("<caption>\n-"), ids("\n</caption>\n<think>\n"), ids("\n</think>\n<answer>1</answer>") + [eos]
+        head, mid = ids("<caption>\n-"), ids("\n</caption>\n<think>\n")
+        tail = ids(f"\n</think>\n<answer>{answer}</answer>") + [eos]
         k = max(0, n - len(head) - len(mid) - len(tail))
         return head + [filler] * (k // 4) + mid + [filler] * (k - k // 4) + tail
 
     text = lambda n: tok.decode([filler] * n)  # noqa: E731
-    tmp = tempfile.mkdtemp(prefix="bench-align-")
+    tmp = tempfile.mkdtemp(prefix=f"bench-{args.what}-")
     rows = [{"prompt": [{"role": "user", "content": "<image>\n" + text(args.prompt)}], "images": [bench_image()],
              "reward_model": {"ground_truth": "1"}, "teacher_caption": "<caption>\n-" + text(args.new // 4) + "\n</caption>",
              "teacher_cot": "<think>\n" + text(args.new - args.new // 4) + "\n</think>\n<answer>1</answer>"}
             for _ in range(args.prompts)]
-    data.write_parquet(os.path.join(tmp, "align.parquet"), rows)
-    real_generate = M.generate
+    data.write_parquet(os.path.join(tmp, "prompts.parquet"), rows)
+    real_generate, gen_peak = M.generate, []
+    cuda = torch.cuda.is_available()
 
-    def generate_valid(*a, **k):  # the real decode (timed inside align.py), then same-length format-valid responses
+    def generate_valid(*a, **k):
+        """The real decode (timed inside the stage), then same-length format-valid responses, every other one with the
+        right answer (RL: each group gets nonzero advantages); the rollout phase's own peak memory is recorded."""
+        torch.cuda.reset_peak_memory_stats() if cuda else None
         outs = real_generate(*a, **k)
-        if args.free_kv:
-            M._caches.clear()
-        return [valid_response(len(o)) for o in outs]
+        gen_peak.append(torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0)
+        torch.cuda.reset_peak_memory_stats() if cuda else None  # the stage's mem_gb: the updates' peak from here on
+        return [valid_response(len(o), "12"[i % 2]) for i, o in enumerate(outs)]
     M.generate = generate_valid
     M.save_checkpoint = M.save_hf = lambda *a, **k: None  # a benchmark writes no weights
-    sys.argv = ["align.py", "--policy", args.config, "--disc", f"upcycle:{args.disc_config}", "--processor", args.processor,
-                "--data", os.path.join(tmp, "align.parquet"), "--out", tmp, "--steps", str(args.steps), "--prompts",
-                str(args.prompts), "--group-size", str(args.group_size), "--max-new-tokens", str(args.new),
-                "--max-prompt-len", str(args.prompt + 4096), "--gen-batch", str(args.gen_batch), "--micro-batch",
-                str(args.micro_batch), "--save-every", "0"] + ["--hf-generate"] * args.hf_generate + \
-        ["--grad-ckpt"] * args.grad_ckpt
-    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "align.py"), run_name="__main__")
+    sys.argv = [f"{args.what}.py", "--policy", args.config, "--processor", args.processor, "--data",
+                os.path.join(tmp, "prompts.parquet"), "--out", tmp, "--steps", str(args.steps), "--prompts", str(args.prompts),
+                "--group-size", str(args.group_size), "--max-new-tokens", str(args.new), "--max-prompt-len",
+                str(args.prompt + 4096), "--gen-batch", str(args.gen_batch), "--micro-batch", str(args.micro_batch),
+                "--save-every", "0"] + ["--hf-generate"] * args.hf_generate + ["--grad-ckpt"] * args.grad_ckpt + \
+        (["--disc", f"upcycle:{args.disc_config}"] if args.what == "align" else ["--algo", "grpo", "--eval-every", "0"])
+    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{args.what}.py"), run_name="__main__")
     if int(os.environ.get("RANK", 0)) != 0:  # rank 0 wrote the metrics
         raise SystemExit(0)
     recs = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
+    keys = ("step", "length", "t_gen", "t_score", "t_disc", "t_policy", "mem_gb") if args.what == "align" else \
+        ("step", "reward", "len_mean", "t_gen", "t_logprobs", "t_update", "mem_gb")
     ex = data.Example(question=rows[0]["prompt"][0]["content"], images=rows[0]["images"], where="bench")
-    emit({"what": "align", "config": args.config, "disc": f"upcycle:{args.disc_config} x4 top-2", "gpus":
-          int(os.environ.get("WORLD_SIZE", 1)), "prompts": args.prompts, "group_size": args.group_size, "prompt_tokens":
-          len(data.render_chat(processor, ex)["input_ids"]), "new_tokens": args.new, "hf_generate": args.hf_generate,
-          "free_kv": args.free_kv, "grad_ckpt": args.grad_ckpt, "device": dev_name, "torch": torch.__version__,
-          "steps": [{k: r[k] for k in ("step", "valid", "length", "t_gen", "t_score", "t_disc", "t_policy", "mem_gb")}
-                    for r in recs]})
+    emit({"what": args.what, "config": args.config, "gpus": int(os.environ.get("WORLD_SIZE", 1)), "prompts": args.prompts,
+          "group_size": args.group_size, "prompt_tokens": len(data.render_chat(processor, ex)["input_ids"]),
+          "new_tokens": args.new, "gen_batch": args.gen_batch, "hf_generate": args.hf_generate, "grad_ckpt": args.grad_ckpt,
+          **({"disc": f"upcycle:{args.disc_config} x4 top-2"} if args.what == "align" else {"algo": "grpo"}),
+          "device": dev_name, "torch": torch.__version__,
+          "steps": [{**{k: r[k] for k in keys}, "gen_peak_gb_rank0": g} for r, g in zip(recs, gen_peak)]})
     raise SystemExit(0)
 
 rank, world, device = M.init_dist()

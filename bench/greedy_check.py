@@ -1,7 +1,8 @@
 """
-Greedy agreement of the two rollout paths on a trained policy: model.generate with Hugging Face generate() (dynamic cache)
-and with the static-cache decode loop (static=True: compiled with CUDA graphs on a GPU), on the prompts of an RL-format
-file, at a few generation batch sizes. Prints one JSON line: rows and tokens equal, and the accuracy of each path.
+Agreement of the two rollout paths on a trained policy: model.generate with Hugging Face generate() (dynamic cache)
+and with the static-cache decode loop (compiled, replayed as a CUDA graph on a GPU), on the prompts of an RL-format
+file: greedy at a few generation batch sizes (rows and tokens equal, the accuracy of each path), then sampled at
+temperature 1 (8 samples per prompt: accuracy, length, distinct samples). Prints one JSON line.
 
     python bench/greedy_check.py --model runs/shapes-small-s0/sft --data data/shapes-s0/eval.parquet --limit 256
 """
@@ -50,6 +51,17 @@ for bs in args.batch_sizes:
                          "acc_hf_generate": acc[False], "acc_static": acc[True],
                          "mean_len": sum(map(len, a)) / len(a)}
     hf_runs.append(a)
+# sampling (T 1): the paths draw different random numbers, so compare statistics: accuracy, length, and how many of 8
+# samples of a prompt are distinct (a CUDA graph replaying frozen noise would show here)
+for static in (False, True):
+    torch.manual_seed(0)
+    outs = M.generate(infer, [p for p in prompts for _ in range(8)], tok, device, args.max_new_tokens, 1.0, 1.0,
+                      args.batch_sizes[-1], hf=not static)
+    res["sampled_" + ("static" if static else "hf_generate")] = {
+        "acc": sum(verify.reward(tok.decode(o, skip_special_tokens=True), exs[i // 8].answer, exs[i // 8].equivalents)["acc"]
+                   for i, o in enumerate(outs)) / len(outs),
+        "mean_len": sum(map(len, outs)) / len(outs),
+        "distinct_of_8": sum(len({tuple(o) for o in outs[i:i + 8]}) for i in range(0, len(outs), 8)) / len(prompts)}
 # the noise level of one path alone: generate() at the first vs the last batch size (batched bf16 kernels differ by shape)
 res["hf_generate_rows_equal_across_batch_sizes"] = sum(r == s for r, s in zip(hf_runs[0], hf_runs[-1])) / len(prompts)
 print(json.dumps(res), flush=True)
