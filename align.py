@@ -182,8 +182,9 @@ if __name__ == "__main__":
     p.add_argument("--disc-warmup-steps", type=int, default=0, help="game steps that update only the discriminator")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip each model's global grad norm to this")
     p.add_argument("--micro-batch", type=int, default=8, help="at most this many policy sequences per forward/backward per rank")
-    p.add_argument("--micro-tokens", type=int, default=16384, help="and at most this many padded tokens (0: no cap), so "
-                   "the activation memory stays bounded at long responses; sequences are sorted by length into micro-batches")
+    p.add_argument("--micro-tokens", type=int, default=16384, help="and at most this many padded tokens (0: no cap), in the "
+                   "policy's and the discriminator's updates, so the activation memory stays bounded at long responses; "
+                   "sequences are sorted by length into micro-batches")
     p.add_argument("--disc-micro", type=int, default=16, help="discriminator sequences per forward per rank")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite updates in a row")
@@ -462,8 +463,10 @@ if __name__ == "__main__":
             t_sc = t_sc.view(-1, nch)  # (prompts here, channels)
             if n_pairs > 0:
                 t_leaf = t_sc.detach().requires_grad_(True)
-                per = max(1, args.disc_micro // nch)
-                chunks = [vi[k:k + per] for k in range(0, len(vi), per)]
+                # pairs in micro-batches of at most --disc-micro sequences and --micro-tokens padded tokens, sorted by
+                # length (a pair is nch sequences, each at most its prompt + response long)
+                lens = [nch * (len(enc[pid[i]]["input_ids"]) + len(outs[i])) for i in vi]
+                chunks = [[vi[j] for j in g] for g in rl.micro_groups(lens, max(1, args.disc_micro // nch), args.micro_tokens)]
                 n_chunks = max(M.all_max(len(chunks), device), 1)
                 d_loss, wins = 0.0, torch.zeros(nch)
                 for k in range(n_chunks):  # the same count on every rank; a rank out of pairs scores `pad` only
@@ -534,7 +537,7 @@ if __name__ == "__main__":
                  f"T/S cap {rec['teacher_cap']:.2f}/{rec['student_cap']:.2f} cot {rec['teacher_cot']:.2f}/"
                  f"{rec['student_cot']:.2f} | gap {rec['gap_cap']:.2f}/{rec['gap_cot']:.2f} | valid {rec['valid']:.2f} | "
                  f"len {rec['length']:.0f} | gen {t_gen:.1f}s score {t_score:.1f}s disc {t_disc:.1f}s "
-                 f"policy {up['t_update']:.1f}s")
+                 f"policy {up['t_update']:.1f}s" + (f" | mem {rec['mem_gb']:.1f}GB" if device.type == "cuda" else ""))
 
     M.save_hf(policy, processor, args.out, {"stage": "align", **vars(args), "skipped_steps": n_skipped,
                                             "dropped_long_prompts": n_long})

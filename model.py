@@ -382,18 +382,19 @@ def cuda_graph(fn):
     """fn() captured as a CUDA graph: replaying it launches a decode step's hundreds of kernels at once. fn's inputs must
     keep their addresses and it must not sync with the host. Returns a function that replays it and returns its output
     (the same tensor every time). The warm-up call, on a side stream as capture requires, compiles and autotunes."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    global _side_stream
+    _side_stream = _side_stream or torch.cuda.Stream()  # one for the process: each stream gets its own cuBLAS workspace
+    _side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(_side_stream):
         fn()
-    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.current_stream().wait_stream(_side_stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=_side_stream):
         out = fn()
     return lambda: (graph.replay(), out)[1]
 
 
-_compiled_step = None
+_side_stream = _compiled_step = None
 
 
 @torch.no_grad()

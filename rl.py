@@ -71,12 +71,12 @@ def keep_mixed_groups(rewards, group_size):
     return (r.max(1).values - r.min(1).values) > 1e-9
 
 
-def micro_groups(items, max_seqs, max_tokens=0):
-    """Indices of `items` in micro-batches: sorted by length, so a micro-batch pads little, each at most `max_seqs`
-    sequences and, when max_tokens > 0, at most `max_tokens` padded tokens (a longer sequence goes alone)."""
+def micro_groups(lengths, max_seqs, max_tokens=0):
+    """Indices of sequences of these lengths in micro-batches: sorted by length, so a micro-batch pads little, each at
+    most `max_seqs` sequences and, when max_tokens > 0, at most `max_tokens` padded tokens (a longer sequence goes alone)."""
     groups, cur = [], []
-    for i in sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"])):
-        if cur and (len(cur) == max_seqs or (max_tokens and len(items[i]["input_ids"]) * (len(cur) + 1) > max_tokens)):
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if cur and (len(cur) == max_seqs or (max_tokens and lengths[i] * (len(cur) + 1) > max_tokens)):
             groups.append(cur)
             cur = []
         cur.append(i)
@@ -95,7 +95,7 @@ def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo,
     ph["labels"] = torch.full_like(ph["input_ids"], -100)  # no loss, no gradient
     per_mb = math.ceil(len(items) / mini_batches)
     mbs = [(items[i * per_mb:(i + 1) * per_mb], adv[i * per_mb:(i + 1) * per_mb]) for i in range(mini_batches)]
-    groups = [micro_groups(mb_items, micro_batch, micro_tokens) for mb_items, _ in mbs]
+    groups = [micro_groups([len(it["input_ids"]) for it in mb_items], micro_batch, micro_tokens) for mb_items, _ in mbs]
     n_micro = [max(M.all_max(len(g), device), 1) for g in groups]  # the ranks agree on each mini-batch's forward count
 
     def micro(j):
@@ -374,7 +374,7 @@ if __name__ == "__main__":
         M.print0(f"step {step + 1:05d}/{args.steps:05d} | reward {rec['reward']:.3f} | acc {rec['acc']:.3f} | "
                  f"format {rec['format']:.3f} | len {rec['len_mean']:.0f}/{rec['len_max']:.0f} | clip {rec['clip_frac']:.3f} | "
                  f"kept {kept_ratio:.2f} | gnorm {rec['grad_norm']:.3f} | gen {t_gen:.1f}s lp {up['t_logprobs']:.1f}s "
-                 f"upd {up['t_update']:.1f}s")
+                 f"upd {up['t_update']:.1f}s" + (f" | mem {rec['mem_gb']:.1f}GB" if device.type == "cuda" else ""))
 
     M.save_hf(policy, processor, args.out, {"stage": f"rl-{args.algo}", **vars(args), "skipped_steps": n_skipped_steps,
                                             "dropped_long_prompts": n_long})

@@ -145,6 +145,24 @@ def test_a_group_split_over_two_processes_equals_one_process(world, tiny_dirs, t
             assert abs(a[k] - b[k]) < 1e-4, k
 
 
+def test_align_micro_batches_by_tokens_equal_one_micro_batch(world, tiny_dirs, tmp_path):
+    """--micro-tokens caps the discriminator's update micro-batches too (the OOM of the 4-H100 alignment step): a cap of
+    one token puts every pair (and every policy sequence) in its own forward; weights and scores equal the uncapped run's."""
+    policy, disc = tiny_dirs
+    env = {**MIXED, "PATCH_NO_DROPOUT": "1"}
+    outs = [str(tmp_path / n) for n in ("whole", "capped")]
+    for out, cap in zip(outs, (0, 1)):
+        run("align.py", *align_args(world, policy, disc, out, steps=2, save_every=0, disc_micro=16, micro_tokens=cap),
+            env=env)
+    for prefix, atol in (("policy.model.", 2e-6), ("disc.", 1e-5)):
+        assert_same_params(*(checkpoint_params(last_checkpoint(o), prefix) for o in outs), atol=atol)
+    m1, m2 = ([m for m in metrics(o) if "valid" in m] for o in outs)
+    assert [m["valid"] for m in m1] == [m["valid"] for m in m2] and m1[0]["valid"] > 0
+    for a, b in zip(m1, m2):
+        for k in ("student_cap", "student_cot", "d_loss", "cap_acc"):
+            assert abs(a[k] - b[k]) < 1e-4, k
+
+
 # -----------------------------------------------------------------------------
 # non-finite steps: skipped on every rank together, counted; K in a row stop the run
 
