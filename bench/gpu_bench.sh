@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every bench.py measurement of issue 8 on one host with 4 GPUs, into RES (default bench/results/gpu): phase A runs the 1-GPU
 # rollout bench + the greedy check (GPU 0), the 1-GPU training steps (GPU 1) and the 2-GPU ones (GPUs 2-3) side by side;
-# phase B the 4-GPU training steps and the full alignment step. Each measurement appends a JSON line to RES/*.jsonl; logs
-# in RES/*.log. PROC: a processor dir (special tokens only); SFT, EVAL: a trained policy + RL-format prompts for the greedy check.
+# phase B the full alignment step and an RL step at the paper's shapes (4 GPUs), then the 4-GPU training steps. Each
+# measurement appends a JSON line to RES/*.jsonl; logs in RES/*.log. PROC: a processor dir (special tokens only); SFT, EVAL: a trained policy + RL-format prompts for the greedy check.
 set -u
 RES=${RES:-bench/results/gpu}; PROC=${PROC:-data/shapes/processor}; SFT=${SFT:-}; EVAL=${EVAL:-}
 mkdir -p "$RES"
@@ -21,9 +21,10 @@ tr() { local gpus=$1 n=$2; shift 2  # GPUS NPROC ARGS...: one training-step meas
 ( tr 2,3 2 --batch 2 --grad-ckpt; tr 2,3 2 --batch 2; tr 2,3 2 --batch 2 --compile; tr 2,3 2 --batch 4 --grad-ckpt --compile ) &
 wait
 # ---- phase B
-tr 0,1,2,3 4 --batch 2 --compile
-tr 0,1,2,3 4 --batch 4 --compile
-# (run at b98fb76 with --fast-decode, before the decode loop became the default rollout path)
 timeout 900 torchrun --standalone --nproc_per_node 4 bench.py align --config 4b --disc-config 2b --prompts 4 --group-size 16 \
   --prompt 1800 --new 6144 --steps 2 --grad-ckpt --processor "$PROC" --out "$RES/align.jsonl" > "$RES/align.log" 2>&1
+timeout 900 torchrun --standalone --nproc_per_node 4 bench.py rl --config 4b --prompts 8 --group-size 16 --prompt 1800 \
+  --new 8192 --gen-batch 32 --steps 2 --grad-ckpt --processor "$PROC" --out "$RES/rl.jsonl" > "$RES/rl.log" 2>&1
+tr 0,1,2,3 4 --batch 2 --compile
+tr 0,1,2,3 4 --batch 4 --grad-ckpt --compile
 echo ALL DONE >> "$RES/done"
