@@ -185,7 +185,8 @@ if __name__ == "__main__":
     p.add_argument("--micro-tokens", type=int, default=16384, help="and at most this many padded tokens (0: no cap), in the "
                    "policy's and the discriminator's updates, so the activation memory stays bounded at long responses; "
                    "sequences are sorted by length into micro-batches")
-    p.add_argument("--disc-micro", type=int, default=16, help="discriminator sequences per forward per rank")
+    p.add_argument("--disc-micro", type=int, default=16, help="discriminator sequences per forward per rank (its update: "
+                   "also at most --micro-tokens padded tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite updates in a row")
     # checkpoint / logging
