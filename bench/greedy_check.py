@@ -39,13 +39,19 @@ infer = infer.float() if args.fp32 else infer
 res = {"model": args.model, "dtype": str(next(infer.parameters()).dtype), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
 hf_runs = []
+
+
+def accuracy(outs, examples):
+    return sum(verify.reward(tok.decode(o, skip_special_tokens=True), ex.answer, ex.equivalents)["acc"]
+               for o, ex in zip(outs, examples)) / len(outs)
+
+
 for bs in args.batch_sizes:
     outs = {static: M.generate(infer, prompts, tok, device, args.max_new_tokens, 0.0, 1.0, bs, hf=not static)
             for static in (False, True)}
     a, b = outs[False], outs[True]
     same_tok = sum(x == y for r, s in zip(a, b) for x, y in zip(r, s))
-    acc = {k: sum(verify.reward(tok.decode(o, skip_special_tokens=True), ex.answer, ex.equivalents)["acc"]
-                  for o, ex in zip(v, exs)) / len(exs) for k, v in outs.items()}
+    acc = {k: accuracy(v, exs) for k, v in outs.items()}
     res[f"batch{bs}"] = {"rows_equal": sum(r == s for r, s in zip(a, b)) / len(a),
                          "tokens_equal": same_tok / max(1, sum(max(len(r), len(s)) for r, s in zip(a, b))),
                          "acc_hf_generate": acc[False], "acc_static": acc[True],
@@ -58,8 +64,7 @@ for static in (False, True):
     outs = M.generate(infer, [p for p in prompts for _ in range(8)], tok, device, args.max_new_tokens, 1.0, 1.0,
                       args.batch_sizes[-1], hf=not static)
     res["sampled_" + ("static" if static else "hf_generate")] = {
-        "acc": sum(verify.reward(tok.decode(o, skip_special_tokens=True), exs[i // 8].answer, exs[i // 8].equivalents)["acc"]
-                   for i, o in enumerate(outs)) / len(outs),
+        "acc": accuracy(outs, [ex for ex in exs for _ in range(8)]),
         "mean_len": sum(map(len, outs)) / len(outs),
         "distinct_of_8": sum(len({tuple(o) for o in outs[i:i + 8]}) for i in range(0, len(outs), 8)) / len(prompts)}
 # the noise level of one path alone: generate() at the first vs the last batch size (batched bf16 kernels differ by shape)
