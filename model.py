@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModel, AutoModelForImageTextToText,
                           AutoProcessor, PreTrainedModel, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
                           Qwen3VLMoeForConditionalGeneration, StaticCache)
+from transformers.initialization import no_init_weights
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
@@ -614,7 +615,9 @@ def upcycle(dense, num_experts=4, top_k=2, noise_std=0.01, seed=0):
         vision_start_token_id=dc.vision_start_token_id, vision_end_token_id=dc.vision_end_token_id,
         tie_word_embeddings=dc.tie_word_embeddings)
     cfg._attn_implementation = dc._attn_implementation
-    moe = Qwen3VLMoeForConditionalGeneration(cfg)
+    with no_init_weights():  # every tensor is overwritten below: skip the random init (minutes per rank at 2B+ on CPU)
+        moe = Qwen3VLMoeForConditionalGeneration(cfg)
+    moe.tie_weights()  # post_init's tying was skipped with the init
     g = torch.Generator().manual_seed(seed)
     noise = lambda t: t + noise_std * torch.randn(t.shape, generator=g) if noise_std > 0 else t  # noqa: E731
     src = {k: v.float() for k, v in dense.state_dict().items()}
