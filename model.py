@@ -398,6 +398,11 @@ def cuda_graph(fn):
 _side_stream = _compiled_step = None
 
 
+def kv_cache_bytes(text_cfg, batch, slots, dtype):
+    """Bytes of a static KV cache: K and V per layer, (batch, KV heads, slots, head dim) each (4B: 147 kB per slot and row)."""
+    return 2 * text_cfg.num_hidden_layers * batch * text_cfg.num_key_value_heads * slots * text_cfg.head_dim * dtype.itemsize
+
+
 @torch.no_grad()
 def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1.0, top_p=1.0, check_every=16):
     """The fast rollout path: one prefill, then a decode loop over a static KV cache (on a GPU the step is compiled and
@@ -412,6 +417,12 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
     cuda = torch.device(device).type == "cuda"
     n = -(-(L + max_new_tokens) // 256) * 256 if cuda else L + max_new_tokens  # cache slots; rounded: few compiled shapes
     text_cfg = infer.config.text_config
+    if cuda:  # a cache that cannot fit stops here with the flags to change, not as an out-of-memory error in the prefill
+        need = kv_cache_bytes(text_cfg, B, n, infer.dtype)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if need > free:
+            raise SystemExit(f"rollout: the KV cache of {B} sequences x {n} slots needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB "
+                             "is free: lower --gen-batch (sequences per generation call) or --max-new-tokens")
     cache = StaticCache(config=infer.config, max_cache_len=n)
     am = inputs["attention_mask"]
     mask = torch.cat([am, am.new_ones(B, n - L)], 1)  # (B, n): padding masked, causality does the rest

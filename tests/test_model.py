@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from transformers import StaticCache
 
 import data
 import model as M
@@ -132,6 +133,19 @@ def test_gqa_decode_attention_equals_sdpa_with_repeated_heads():
     ref = torch.softmax((q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf")), -1) \
         @ v.repeat_interleave(H // Hkv, 1)  # (B, H, 1, D): query head h reads K/V head h // (H / Hkv)
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_bytes_is_the_static_cache_allocation(processor):
+    """The memory check before a GPU rollout counts what StaticCache allocates (tiny and the 4B's 147 kB per slot)."""
+    for name, dtype in (("tiny", torch.float32), ("4b", torch.bfloat16)):
+        cfg = M.build_config(name, processor.tokenizer)
+        tc = cfg.text_config
+        cache = StaticCache(config=cfg, max_cache_len=7)
+        with torch.device("meta"):  # shapes only: no memory for the 4B
+            cache.early_initialization(3, tc.num_key_value_heads, tc.head_dim, dtype, torch.device("meta"))
+        real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        assert M.kv_cache_bytes(tc, 3, 7, dtype) == real
+    assert M.kv_cache_bytes(M.build_config("4b", processor.tokenizer).text_config, 1, 1, torch.bfloat16) == 147456
 
 
 def test_generation_stops_at_end_of_turn(world, processor):
