@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every bench.py measurement of issue 8 on one host with 4 GPUs, into RES (default bench/results/gpu): phase A runs the 1-GPU
+# Every bench.py measurement of issue 8 on one host with 4 or more GPUs, into RES (default bench/results/gpu): phase A runs the 1-GPU
 # rollout bench + the greedy check (GPU 0), the 1-GPU training steps (GPU 1) and the 2-GPU ones (GPUs 2-3) side by side;
-# phase B the full alignment step and an RL step at the paper's shapes (4 GPUs), then the 4-GPU training steps. Each
+# phase B the full alignment step (4B and 8B policy) and RL steps at the paper's shapes on every GPU, then training steps. Each
 # measurement appends a JSON line to RES/*.jsonl; logs in RES/*.log. PROC: a processor dir (special tokens only); SFT,
 # EVAL: a trained policy + RL-format prompts for the greedy check.
 set -u
@@ -21,11 +21,14 @@ tr() { local gpus=$1 n=$2; shift 2  # GPUS NPROC ARGS...: one training-step meas
 ( tr 1 1 --batch 2 --grad-ckpt; tr 1 1 --batch 2 --grad-ckpt --compile; tr 1 1 --batch 1 --grad-ckpt --compile ) &
 ( tr 2,3 2 --batch 2 --grad-ckpt; tr 2,3 2 --batch 2; tr 2,3 2 --batch 2 --compile; tr 2,3 2 --batch 4 --grad-ckpt --compile ) &
 wait
-# ---- phase B
-timeout 900 torchrun --standalone --nproc_per_node 4 bench.py align --config 4b --disc-config 2b --prompts 4 --group-size 16 \
-  --prompt 1800 --new 6144 --steps 2 --grad-ckpt --processor "$PROC" --out "$RES/align.jsonl" > "$RES/align.log" 2>&1
-timeout 900 torchrun --standalone --nproc_per_node 4 bench.py rl --config 4b --prompts 8 --group-size 16 --prompt 1800 \
-  --new 8192 --gen-batch 32 --steps 2 --grad-ckpt --processor "$PROC" --out "$RES/rl.jsonl" > "$RES/rl.log" 2>&1
-tr 0,1,2,3 4 --batch 2 --compile
-tr 0,1,2,3 4 --batch 4 --grad-ckpt --compile
+# ---- phase B: every GPU of the host (issue 10's shapes on 8; the RL batch scales with the GPUs: 32 prompts on 8)
+N=$(nvidia-smi -L | wc -l)
+al() { timeout 900 torchrun --standalone --nproc_per_node "$N" bench.py align --disc-config 2b --prompts 4 --group-size 16 \
+  --prompt 1800 --new 6144 --steps 2 --grad-ckpt --processor "$PROC" --out "$RES/align.jsonl" "$@" >> "$RES/align.log" 2>&1; }
+al --config 4b
+al --config 8b --gen-batch $((N >= 8 ? 64 : 8))  # 4 GPUs: 16 rollouts per GPU of the 8B's cache do not fit beside its states
+timeout 1200 torchrun --standalone --nproc_per_node "$N" bench.py rl --config 4b --prompts $((4 * N)) --group-size 16 \
+  --prompt 1800 --new 8192 --gen-batch 16 --steps 2 --grad-ckpt --processor "$PROC" --out "$RES/rl.jsonl" > "$RES/rl.log" 2>&1
+tr "$(seq -s, 0 $((N - 1)))" "$N" --batch 2 --compile
+tr "$(seq -s, 0 $((N - 1)))" "$N" --batch 4 --grad-ckpt --compile
 echo ALL DONE >> "$RES/done"
