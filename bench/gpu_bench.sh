@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every bench.py measurement of issue 8 on one host with 4 or more GPUs, into RES (default bench/results/gpu): phase A runs the 1-GPU
-# rollout bench + the greedy check (GPU 0), the 1-GPU training steps (GPU 1) and the 2-GPU ones (GPUs 2-3) side by side;
-# phase B the full alignment step (4B and 8B policy) and RL steps at the paper's shapes on every GPU, then training steps. Each
-# measurement appends a JSON line to RES/*.jsonl; logs in RES/*.log. PROC: a processor dir (special tokens only); SFT,
-# EVAL: a trained policy + RL-format prompts for the greedy check.
+# Every bench.py measurement of issue 8 on one host with 4 or more GPUs, into RES (default bench/results/gpu): phase A
+# runs the 1-GPU rollout bench + the greedy check (GPU 0), the 1-GPU training steps (GPU 1) and the 2-GPU ones (GPUs 2-3)
+# side by side; phase B the full alignment step (4B and 8B policy) and RL steps at the paper's shapes on every GPU, then
+# training steps. Each measurement appends a JSON line to RES/*.jsonl; logs in RES/*.log. PROC: a processor dir (special
+# tokens only); SFT, EVAL: a trained policy + RL-format prompts for the greedy check.
 set -u
 RES=${RES:-bench/results/gpu}; PROC=${PROC:-data/shapes/processor}; SFT=${SFT:-}; EVAL=${EVAL:-}
 mkdir -p "$RES"
