@@ -412,8 +412,7 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
     are 20 GB) goes back to training. Greedy output equals generate()'s (tested).
     batch: collate(left=True) output. Returns the new tokens (B, n <= max_new_tokens), `pad` after each sequence's eos."""
     global _compiled_step
-    inputs = model_inputs(batch, device)
-    B, L = inputs["input_ids"].shape
+    B, L = batch["input_ids"].shape
     cuda = torch.device(device).type == "cuda"
     n = -(-(L + max_new_tokens) // 256) * 256 if cuda else L + max_new_tokens  # cache slots; rounded: few compiled shapes
     text_cfg = infer.config.text_config
@@ -423,6 +422,7 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
         if need > free:
             raise SystemExit(f"rollout: the KV cache of {B} sequences x {n} slots needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB "
                              "is free: lower --gen-batch (sequences per generation call) or --max-new-tokens")
+    inputs = model_inputs(batch, device)
     cache = StaticCache(config=infer.config, max_cache_len=n)
     am = inputs["attention_mask"]
     mask = torch.cat([am, am.new_ones(B, n - L)], 1)  # (B, n): padding masked, causality does the rest

@@ -148,6 +148,19 @@ def test_kv_cache_bytes_is_the_static_cache_allocation(processor):
     assert M.kv_cache_bytes(M.build_config("4b", processor.tokenizer).text_config, 1, 1, torch.bfloat16) == 147456
 
 
+def test_a_rollout_whose_kv_cache_cannot_fit_stops_with_the_flags_to_change(monkeypatch, processor):
+    """On a GPU decode() compares the cache with the free memory before allocating anything (faked here: 0.1 GB free)."""
+    cfg = M.build_config("tiny", processor.tokenizer)
+    infer = type("Infer", (), {"config": cfg, "dtype": torch.bfloat16})()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (10**8, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 0)
+    batch = {"input_ids": torch.zeros(64, 2000, dtype=torch.long)}
+    need = M.kv_cache_bytes(cfg.text_config, 64, 10240, torch.bfloat16)  # 2,000 + 8,192 slots rounded up to 256
+    with pytest.raises(SystemExit, match=f"64 sequences x 10240 slots needs {need / 1e9:.1f} GB, 0.1 GB is free: lower --gen-batch"):
+        M.decode(infer, batch, torch.device("cuda"), 8192, 0, 0, [])
+
+
 def test_generation_stops_at_end_of_turn(world, processor):
     """A scripted output layer: row i emits token 100 for i + 1 steps, then <|im_end|>; generation must cut there."""
     tok = processor.tokenizer
