@@ -87,8 +87,16 @@ def test_compiled_blocks_give_the_same_logprobs_and_gradients(dist1, processor, 
         torch.testing.assert_close(out[1][1][n], out[0][1][n], atol=1e-5, rtol=1e-4)
 
 
-def test_greedy_generation_is_deterministic_and_the_static_path_equals_hf(world, processor):
-    hf = M.load_policy("tiny", processor, torch.device("cpu"), seed=1)
+@pytest.fixture(params=["tiny", "tiny-untied"])
+def tiny_name(request, monkeypatch):
+    """The tiny config with the output layer tied to the embeddings (as the 2B and 4B) and untied (as the 8B)."""
+    monkeypatch.setitem(M.CONFIGS, "tiny-untied", dict(M.CONFIGS["tiny"], tied=False))
+    return request.param
+
+
+def test_greedy_generation_is_deterministic_and_the_static_path_equals_hf(world, processor, tiny_name):
+    hf = M.load_policy(tiny_name, processor, torch.device("cpu"), seed=1)
+    assert (hf.lm_head.weight is hf.model.language_model.embed_tokens.weight) == (tiny_name == "tiny")
     infer = M.make_inference_copy(hf, torch.device("cpu"))
     exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
     text_only = data.Example(question="How many shapes are there? Answer with a number.", images=[], where="t")
@@ -192,11 +200,11 @@ def test_generation_stops_at_end_of_turn(world, processor):
     assert torch.equal(item["input_ids"][:len(prompts[1]["input_ids"])], prompts[1]["input_ids"])
 
 
-def test_save_then_from_pretrained_gives_identical_logits(dist1, processor, items, tmp_path):
+def test_save_then_from_pretrained_gives_identical_logits(dist1, processor, items, tmp_path, tiny_name):
     from transformers import AutoModelForImageTextToText
-    hf = M.load_policy("tiny", processor, dist1, seed=2)
+    hf = M.load_policy(tiny_name, processor, dist1, seed=2)
     # the saved weights are bf16: the reference is the same model with its weights rounded to bf16
-    ref = M.load_policy("tiny", processor, dist1, seed=2)
+    ref = M.load_policy(tiny_name, processor, dist1, seed=2)
     with torch.no_grad():
         for p_ in ref.parameters():
             p_.copy_(p_.to(torch.bfloat16).float())
