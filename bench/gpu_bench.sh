@@ -23,6 +23,7 @@ tr() { local gpus=$1 n=$2; shift 2  # GPUS NPROC ARGS...: one training-step meas
 wait
 # ---- phase B: every GPU of the host (issue 10's shapes on 8; the RL batch scales with the GPUs: 32 prompts on 8)
 N=$(nvidia-smi -L | wc -l)
+export OMP_NUM_THREADS=$(( $(nproc) / N ))  # the random init runs on the CPU: 1 thread per rank (torchrun) took ~5.8 min at 4B
 al() { timeout 900 torchrun --standalone --nproc_per_node "$N" bench.py align --disc-config 2b --prompts 4 --group-size 16 \
   --prompt 1800 --new 6144 --steps 2 --grad-ckpt --processor "$PROC" --out "$RES/align.jsonl" "$@" >> "$RES/align.log" 2>&1; }
 al --config 4b
