@@ -10,7 +10,7 @@ train: the policy's training step as the stages run it (FSDP2, bf16 compute / fp
 AdamW), on random text sequences of --seq tokens; reports tokens/s per GPU, MFU and peak memory.
 MFU counts 6 N FLOPs per token (N = decoder + output-layer parameters) plus causal attention, 6 L H Q T per token
 (fwd + bwd), against 989 TFLOP/s of bf16 per H100.
-rollout: decode time per step of the static-cache loop (model.decode) and of plain generate() with the dynamic cache, in
+rollout: decode time per step of the static-cache loop (engine.decode) and of plain generate() with the dynamic cache, in
 the same run, on the bf16 inference copy, for prompts of one image + text; ms per step is (time for --new tokens - time for
 1 token) / (--new - 1), so the prefill is excluded. The floor: bytes read per step (bf16 weights + the KV cache at the
 mean context) over 3.35 TB/s. Results are printed as JSON lines (and appended to --out).
@@ -39,6 +39,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import data
+import engine
 import model as M
 
 H100_BF16 = 989e12
@@ -107,7 +108,7 @@ if args.what in ("align", "rl"):
              "teacher_cot": "<think>\n" + text(args.new - args.new // 4) + "\n</think>\n<answer>1</answer>"}
             for _ in range(args.prompts)]
     data.write_parquet(os.path.join(tmp, "prompts.parquet"), rows)
-    real_generate, gen_peak = M.generate, []
+    real_generate, gen_peak = engine.generate, []
     cuda = torch.cuda.is_available()
 
     def generate_valid(*a, **k):
@@ -118,7 +119,7 @@ if args.what in ("align", "rl"):
         gen_peak.append(torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0)
         torch.cuda.reset_peak_memory_stats() if cuda else None  # the stage's mem_gb: the updates' peak from here on
         return [valid_response(len(o), "12"[i % 2]) for i, o in enumerate(outs)]
-    M.generate = generate_valid
+    engine.generate = generate_valid
     M.save_checkpoint = M.save_hf = lambda *a, **k: None  # a benchmark writes no weights
     sys.argv = [f"{args.what}.py", "--policy", args.config, "--processor", args.processor, "--data",
                 os.path.join(tmp, "prompts.parquet"), "--out", tmp, "--steps", str(args.steps), "--prompts", str(args.prompts),
@@ -161,7 +162,7 @@ with torch.no_grad():  # random weights, scaled like an init (values do not matt
         p_.normal_(0, 0.02) if p_.ndim > 1 else p_.fill_(1.0)
 
 if args.what == "rollout":
-    infer = M.make_inference_copy(hf, device)
+    infer = engine.make_inference_copy(hf, device)
     tok = processor.tokenizer
     eos, pad = -1, tok.convert_tokens_to_ids("<|endoftext|>")  # no eos: every sequence runs all --new steps
     img = bench_image()
@@ -181,7 +182,7 @@ if args.what == "rollout":
     for B in args.batches:
         batch = data.collate([prompt] * B, pad, left=True)
         paths = {
-            "static": lambda n: M.decode(infer, batch, device, n, eos, pad, [], temperature=1.0),
+            "static": lambda n: engine.decode(infer, batch, device, n, eos, pad, [], temperature=1.0),
             "hf_generate": lambda n: infer.generate(**M.model_inputs(batch, device), max_new_tokens=n, min_new_tokens=n,
                                                     do_sample=True, top_k=None, pad_token_id=pad)}
         res = {"what": "rollout", "config": args.config, "batch": B, "prompt_tokens": L, "new_tokens": args.new,
@@ -192,7 +193,7 @@ if args.what == "rollout":
             res[f"{name}_ms_per_step"] = (tn - t1) / (args.new - 1) * 1e3
             res[f"{name}_tok_s"] = B * (args.new - 1) / (tn - t1)
         res["ratio_static_vs_hf"] = res["hf_generate_ms_per_step"] / res["static_ms_per_step"]
-        # (same tokens? a random model's near-uniform logits flip under bf16 rounding: bench/greedy_check.py, trained policy)
+        # (same tokens? a random model's near-uniform logits flip under bf16 rounding: greedy_check.py, trained policy)
         res["floor_ms_per_step"] = (w_bytes + B * kv_per_tok * (L + args.new / 2)) / 3.35e12 * 1e3
         res["peak_mem_gb"] = M.peak_mem_gb()
         emit(res)

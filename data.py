@@ -179,6 +179,16 @@ def collate(items, pad_id, left=False):
     return batch
 
 
+def join_response(prompt, response_ids):
+    """A training item: prompt encoding + generated tokens, labels on the generated tokens only."""
+    r = torch.tensor(response_ids, dtype=torch.long)
+    item = {"input_ids": torch.cat([prompt["input_ids"], r]), "labels": torch.cat([torch.full_like(prompt["input_ids"], -100), r]),
+            "mm_token_type_ids": torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(r)])}
+    if "pixel_values" in prompt:
+        item["pixel_values"], item["image_grid_thw"] = prompt["pixel_values"], prompt["image_grid_thw"]
+    return item
+
+
 # -----------------------------------------------------------------------------
 # readers
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import engine
 import model as M
 import verify
 
@@ -69,8 +70,8 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
     rows = []
     for i in tqdm(range(0, len(mine), batch_size), desc=desc, disable=rank != 0, leave=False):
         chunk, pr = mine[i:i + batch_size], prompts[i:i + batch_size]
-        greedy = M.generate(infer, pr, tok, device, max_new_tokens, temperature=0, hf=hf)
-        sampled = M.generate(infer, [q for q in pr for _ in range(samples)], tok, device, max_new_tokens, temperature,
+        greedy = engine.generate(infer, pr, tok, device, max_new_tokens, temperature=0, hf=hf)
+        sampled = engine.generate(infer, [q for q in pr for _ in range(samples)], tok, device, max_new_tokens, temperature,
                              hf=hf) if samples else []
         for j, ex in enumerate(chunk):
             text = tok.decode(greedy[j], skip_special_tokens=True)
@@ -107,7 +108,7 @@ def table(results):
 
 def write_report(run):
     """RUN/report.md: one row per stage found under RUN (base, SFT, SFT + align, SFT + RL, SFT + align + RL), with accuracy
-    on the held-out and hard splits, format rate, length and drift distances; PNG figures when matplotlib is installed."""
+    on the held-out and hard splits, format rate, length and drift distances; PNG figures beside it."""
     stages = [("base", "base"), ("sft", "SFT"), ("align", "SFT + align (PRISM)")]
     runs = [n for n in os.listdir(run) if "-rl-" in n and os.path.isdir(os.path.join(run, n))]
     for algo in sorted({n.split("-rl-")[1] for n in runs}):  # every RL algorithm run, both arms
@@ -130,66 +131,61 @@ def write_report(run):
         e, h = r.get("eval", {}), r.get("eval_hard", {})
         lines.append(f"| {label} | {f(e, 'acc')} | {f(h, 'acc')} | {f(e, 'format')} | {f(e, 'length')} | "
                      f"{f(e, 'w1_caption_items')} | {f(e, 'w1_reasoning_steps')} |")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        plt = None
-        lines += ["", "(matplotlib is not installed: tables only)"]
-    if plt is not None:
-        figs = []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figs = []
 
-        def curve(ax, xs, ys, label, k=5):  # the raw per-step values faint, their trailing k-step mean on top
-            line, = ax.plot(xs, ys, alpha=0.25)
-            ax.plot(xs, [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))],
-                    color=line.get_color(), label=label)
-        # RL curves, both arms
-        arms = [(d, label) for label, (d, _) in res.items() if "-rl-" in d]
-        if arms:
-            fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-            for d, label in arms:
-                m = [json.loads(x) for x in open(os.path.join(run, d, "metrics.jsonl")) if '"reward"' in x]
-                curve(ax[0], [x["step"] for x in m], [x["reward"] for x in m], label)
-                curve(ax[1], [x["step"] for x in m], [x["acc"] for x in m], label)
-            ax[0].set(title="RL reward (training rollouts; 5-step mean)", xlabel="step")
-            ax[1].set(title="RL accuracy (training rollouts; 5-step mean)", xlabel="step")
-            ax[0].legend()
-            figs.append(("rl_curves.png", fig))
-        # the alignment score gap per channel (the paper's training-curve figure)
-        mpath = os.path.join(run, "align", "metrics.jsonl")
-        if os.path.isfile(mpath):
-            m = [json.loads(x) for x in open(mpath) if '"gap_cap"' in x]
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            curve(ax, [x["step"] for x in m], [x["gap_cap"] for x in m], "perception (caption)", k=3)
-            curve(ax, [x["step"] for x in m], [x["gap_cot"] for x in m], "reasoning", k=3)
-            ax.set(title="score gap: teacher - policy (3-step mean)", xlabel="alignment step")
-            ax.legend()
-            figs.append(("align_gap.png", fig))
-        # drift histograms per trained stage, with the teacher's distribution (black, dashed)
+    def curve(ax, xs, ys, label, k=5):  # the raw per-step values faint, their trailing k-step mean on top
+        line, = ax.plot(xs, ys, alpha=0.25)
+        ax.plot(xs, [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))],
+                color=line.get_color(), label=label)
+    # RL curves, both arms
+    arms = [(d, label) for label, (d, _) in res.items() if "-rl-" in d]
+    if arms:
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-        series = [(label, r.get("eval", {})) for label, (_, r) in res.items() if label != "base"]
-        teacher = next((e for _, e in series if "teacher_caption_hist" in e), None)
-        if teacher:
-            series.append(("teacher", {"caption_hist": teacher["teacher_caption_hist"],
-                                       "steps_hist": teacher["teacher_steps_hist"]}))
-        for label, e in series:
-            for a, key in zip(ax, ("caption_hist", "steps_hist")):
-                vals = e.get(key) or []
-                if vals:
-                    xs = sorted(set(vals))
-                    style = dict(color="black", linestyle="--", linewidth=2) if label == "teacher" else {}
-                    a.plot(xs, [vals.count(x) / len(vals) for x in xs], marker="o", label=label, **style)
-        ax[0].set(title="bullet items per caption", ylabel="share of responses")
-        ax[1].set(title="reasoning steps per response")
-        ax[0].legend(fontsize=7)
-        figs.append(("drift.png", fig))
-        lines.append("")
-        for name, fig in figs:
-            fig.tight_layout()
-            fig.savefig(os.path.join(run, name), dpi=100)
-            plt.close(fig)
-            lines.append(f"![{name}]({name})")
+        for d, label in arms:
+            m = [json.loads(x) for x in open(os.path.join(run, d, "metrics.jsonl")) if '"reward"' in x]
+            curve(ax[0], [x["step"] for x in m], [x["reward"] for x in m], label)
+            curve(ax[1], [x["step"] for x in m], [x["acc"] for x in m], label)
+        ax[0].set(title="RL reward (training rollouts; 5-step mean)", xlabel="step")
+        ax[1].set(title="RL accuracy (training rollouts; 5-step mean)", xlabel="step")
+        ax[0].legend()
+        figs.append(("rl_curves.png", fig))
+    # the alignment score gap per channel (the paper's training-curve figure)
+    mpath = os.path.join(run, "align", "metrics.jsonl")
+    if os.path.isfile(mpath):
+        m = [json.loads(x) for x in open(mpath) if '"gap_cap"' in x]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        curve(ax, [x["step"] for x in m], [x["gap_cap"] for x in m], "perception (caption)", k=3)
+        curve(ax, [x["step"] for x in m], [x["gap_cot"] for x in m], "reasoning", k=3)
+        ax.set(title="score gap: teacher - policy (3-step mean)", xlabel="alignment step")
+        ax.legend()
+        figs.append(("align_gap.png", fig))
+    # drift histograms per trained stage, with the teacher's distribution (black, dashed)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    series = [(label, r.get("eval", {})) for label, (_, r) in res.items() if label != "base"]
+    teacher = next((e for _, e in series if "teacher_caption_hist" in e), None)
+    if teacher:
+        series.append(("teacher", {"caption_hist": teacher["teacher_caption_hist"],
+                                   "steps_hist": teacher["teacher_steps_hist"]}))
+    for label, e in series:
+        for a, key in zip(ax, ("caption_hist", "steps_hist")):
+            vals = e.get(key) or []
+            if vals:
+                xs = sorted(set(vals))
+                style = dict(color="black", linestyle="--", linewidth=2) if label == "teacher" else {}
+                a.plot(xs, [vals.count(x) / len(vals) for x in xs], marker="o", label=label, **style)
+    ax[0].set(title="bullet items per caption", ylabel="share of responses")
+    ax[1].set(title="reasoning steps per response")
+    ax[0].legend(fontsize=7)
+    figs.append(("drift.png", fig))
+    lines.append("")
+    for name, fig in figs:
+        fig.tight_layout()
+        fig.savefig(os.path.join(run, name), dpi=100)
+        plt.close(fig)
+        lines.append(f"![{name}]({name})")
     with open(os.path.join(run, "report.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -224,7 +220,7 @@ if __name__ == "__main__":
     M.seed_all(args.seed + rank)
     processor = M.load_processor(args.processor or args.model)
     hf = M.load_policy(args.model, processor, device, seed=args.seed, trust_remote_code=args.trust_remote_code)
-    infer = M.make_inference_copy(hf, device)
+    infer = engine.make_inference_copy(hf, device)
     del hf
     results = {}
     for path in args.data:

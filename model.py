@@ -1,7 +1,7 @@
 """
 Models and their plumbing, shared by every stage: distributed init, the policy (any Qwen3-VL HF directory or a built-in
-config), FSDP2 wrapping, per-token log-probs, rollout generation, HF save and resume checkpoints, and the discriminator
-(sparse upcycling to Qwen3-VL-MoE + a score head).
+config), FSDP2 wrapping, per-token log-probs, HF save and resume checkpoints, and the discriminator (sparse upcycling to
+Qwen3-VL-MoE + a score head). Generation lives in engine.py.
 
     python model.py init --config tiny --processor data/shapes/processor --out runs/tiny-init    # a random-weight HF dir
     python model.py upcycle --dense runs/x/sft --out runs/x/disc-init --experts 4 --top-k 2 --noise 0.01
@@ -11,22 +11,17 @@ import json
 import os
 import random
 import shutil
-from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModel, AutoModelForImageTextToText,
-                          AutoProcessor, PreTrainedModel, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
-                          Qwen3VLMoeForConditionalGeneration, StaticCache)
+from transformers import (AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 from transformers.initialization import no_init_weights
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
 
-import data
 
 # -----------------------------------------------------------------------------
 # distributed
@@ -194,29 +189,37 @@ def load_processor(path):
 # FSDP2
 
 def shard(model, device, freeze_vision=False, grad_ckpt=False, compile=False):
-    """FSDP2: each vision block and decoder block, then the root. bf16 compute with fp32 master weights and fp32 gradient
-    reduction on GPU; fp32 on CPU. The gradient is summed over ranks, not averaged: losses are normalised globally.
-    compile: torch.compile each decoder block (one compiled graph serves them all: fused norms, rotary and SwiGLU)."""
+    """Prepare a model for training and wrap it in FSDP2, in the order torchtitan's `parallelize` uses, because each step
+    changes what the next one sees:
+      1. freeze (requires_grad) before sharding: FSDP2 groups parameters per module and keeps the flag of each;
+      2. activation checkpointing on the plain HF blocks, so the checkpointed region is the block FSDP then wraps;
+      3. fully_shard each vision block and decoder block (one all-gather per block), then the root (embeddings, output layer);
+      4. compile each decoder block after wrapping, so the compiled graph runs inside FSDP's pre/post-forward hooks;
+      5. the gradient contract: FSDP2 would divide the reduced gradient by the world size; we turn that off and reduce with a
+         plain SUM, because every loss in this repository is already divided by a GLOBAL count (all ranks, all micro-batches
+         of the optimizer step: sft.py, rl.update_policy, align.discriminator_step, warmup.py). So the update does not depend
+         on the number of processes or micro-batches (tested: 2 processes == 1).
+    bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; fp32 on CPU."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     hf = model.hf if isinstance(model, LogProbs) else model
-    if freeze_vision:
+    if freeze_vision:  # 1
         for p in trunk(model).visual.parameters():
             p.requires_grad_(False)
-    if grad_ckpt:
+    if grad_ckpt:  # 2
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else \
         MixedPrecisionPolicy()
     model.to(device)
-    for block in list(trunk(model).visual.blocks) + list(trunk(model).language_model.layers):
+    for block in list(trunk(model).visual.blocks) + list(trunk(model).language_model.layers):  # 3
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    if compile:
+    if compile:  # 4: one compiled graph serves every block (fused norms, rotary, SwiGLU)
         for block in trunk(model).language_model.layers:
             block.compile()
-    for m in model.modules():  # sum, don't average: the loss is already normalised by global counts
+    for m in model.modules():  # 5: sum, don't average
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no pre-multiplied sum)
@@ -314,197 +317,6 @@ class LogProbs(nn.Module):
 
     def forward(self, batch, chunk=2048):
         return token_logprobs(self.hf, batch, self.hf.lm_head.weight.device, chunk, self.temperature)
-
-
-# -----------------------------------------------------------------------------
-# rollouts
-
-@torch.no_grad()
-def sync_weights(src, dst):
-    """Copy a (sharded) training model's weights into the plain inference copy: one all-gather per tensor per rollout phase,
-    never per decode step."""
-    dst_params = dict(dst.named_parameters())
-    for name, p in src.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        dst_params[name.removeprefix("hf.")].copy_(full)
-
-
-def make_inference_copy(hf, device):
-    """A plain (unsharded) copy of the policy for generation: bf16 on GPU, fp32 on CPU, eval mode, cache on."""
-    import copy
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    infer = copy.deepcopy(hf).to(device=device, dtype=dtype).eval()
-    infer.config.use_cache = True
-    infer.requires_grad_(False)
-    return infer
-
-
-def sample(logits, temperature, top_p, banned):
-    """Next tokens from logits (B, V) on the device, no host sync: greedy at temperature 0, else nucleus sampling at
-    `temperature` by the Gumbel-max trick over the kept tokens. banned: (V,) bool, never sampled."""
-    logits = logits.float().masked_fill(banned, float("-inf"))
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
-        srt, idx = logits.sort(-1, descending=True)
-        drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
-
-
-def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-    """Attention of one new token per row that reads each K/V head once: the g = H / Hkv query heads sharing a K/V head
-    are g query rows of one attention over it (Hugging Face's SDPA path with a mask first copies K and V g times, which
-    made the decode step memory-bound on the copies). query (B, H, 1, D), key/value (B, Hkv, n, D), attention_mask
-    (B, 1, 1, n) bool or None; returns (B, 1, H, D). The prefill (longer queries) takes the SDPA path."""
-    B, H, q, D = query.shape
-    if q > 1 or dropout:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
-    out = F.scaled_dot_product_attention(query.view(B, key.shape[1], H // key.shape[1], D), key, value,
-                                         attn_mask=attention_mask, scale=scaling)  # (B, Hkv, g, D); query head = kv head * g + i
-    return out.reshape(B, 1, H, D), None
-
-
-AttentionInterface.register("gqa_decode", gqa_decode_attention)
-AttentionMaskInterface.register("gqa_decode", sdpa_mask)
-
-
-def decode_step(lm, head, tok, slot, delta, mask, cache, temperature, top_p, ban):
-    """One decode step of the language model: tok (B,) written at cache slot `slot` (1,), delta (B, 1) the rows' position
-    offsets -> the next tokens (B,). On a GPU it runs compiled and replayed as a CUDA graph (decode below)."""
-    pos = (slot + delta).view(1, -1, 1).expand(4, -1, 1)  # text row + the three M-RoPE rows, (4, B, 1)
-    h = lm(inputs_embeds=lm.embed_tokens(tok[:, None]), position_ids=pos, attention_mask=mask, past_key_values=cache,
-           cache_position=slot, use_cache=True).last_hidden_state[:, -1]
-    return sample(head(h), temperature, top_p, ban)
-
-
-def cuda_graph(fn):
-    """fn() captured as a CUDA graph: replaying it launches a decode step's hundreds of kernels at once. fn's inputs must
-    keep their addresses and it must not sync with the host. Returns a function that replays it and returns its output
-    (the same tensor every time). The warm-up call, on a side stream as capture requires, compiles and autotunes."""
-    global _side_stream
-    _side_stream = _side_stream or torch.cuda.Stream()  # one for the process: each stream gets its own cuBLAS workspace
-    _side_stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(_side_stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(_side_stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=_side_stream):
-        out = fn()
-    return lambda: (graph.replay(), out)[1]
-
-
-_side_stream = _compiled_step = None
-
-
-def kv_cache_bytes(text_cfg, batch, slots, dtype):
-    """Bytes of a static KV cache: K and V per layer, (batch, KV heads, slots, head dim) each (4B: 147 kB per slot and row)."""
-    return 2 * text_cfg.num_hidden_layers * batch * text_cfg.num_key_value_heads * slots * text_cfg.head_dim * dtype.itemsize
-
-
-@torch.no_grad()
-def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1.0, top_p=1.0, check_every=16):
-    """The fast rollout path: one prefill, then a decode loop over a static KV cache (on a GPU the step is compiled and
-    replayed as a CUDA graph; attention reads each K/V head once, gqa_decode_attention); sampling stays on the device
-    and the host looks at the `done` flags only every `check_every` steps (early exit once every sequence has ended).
-    The cache and the graph live for this call alone: between rollout phases their memory (16 rows x 8.4k slots of the 4B
-    are 20 GB) goes back to training. Greedy output equals generate()'s (tested).
-    batch: collate(left=True) output. Returns the new tokens (B, n <= max_new_tokens), `pad` after each sequence's eos."""
-    global _compiled_step
-    B, L = batch["input_ids"].shape
-    cuda = torch.device(device).type == "cuda"
-    n = -(-(L + max_new_tokens) // 256) * 256 if cuda else L + max_new_tokens  # cache slots; rounded: few compiled shapes
-    text_cfg = infer.config.text_config
-    if cuda:  # a cache that cannot fit stops here with the flags to change, not as an out-of-memory error in the prefill
-        need = kv_cache_bytes(text_cfg, B, n, infer.dtype)
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        if need > free:
-            raise SystemExit(f"rollout: the KV cache of {B} sequences x {n} slots needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB "
-                             "is free: lower --gen-batch (sequences per generation call) or --max-new-tokens")
-    inputs = model_inputs(batch, device)
-    cache = StaticCache(config=infer.config, max_cache_len=n)
-    am = inputs["attention_mask"]
-    mask = torch.cat([am, am.new_ones(B, n - L)], 1)  # (B, n): padding masked, causality does the rest
-    ban = torch.zeros(text_cfg.vocab_size, dtype=torch.bool, device=device)
-    ban[banned] = True
-    # the step's inputs, updated in place (a CUDA graph replays on fixed addresses)
-    tok = torch.zeros(B, dtype=torch.long, device=device)
-    slot = torch.full((1,), L, dtype=torch.long, device=device)  # advanced on the device: no host copy per step
-    delta = torch.zeros(B, 1, dtype=torch.long, device=device)
-    attn, text_cfg._attn_implementation = text_cfg._attn_implementation, "gqa_decode"  # this call only (not generate())
-    try:
-        trunk_ = infer.model
-        if cuda and _compiled_step is None:
-            torch._dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length): a few per stage
-            _compiled_step = torch.compile(decode_step, dynamic=False)
-        step = partial(_compiled_step if cuda else decode_step, trunk_.language_model, infer.lm_head, tok, slot, delta,
-                       mask, cache, temperature, top_p, ban)
-        if cuda:  # capture before the prefill: the warm-up writes a step into the cache, which reset() then clears
-            cache.early_initialization(B, text_cfg.num_key_value_heads, text_cfg.head_dim, infer.dtype, device)
-            step = cuda_graph(step)
-            cache.reset()
-        n_real = am.sum(1, keepdim=True)  # (B, 1) tokens that are not left padding
-        if "pixel_values" in inputs:  # prefill; the model computes the M-RoPE positions and their deltas from the images
-            h = trunk_(**inputs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-            rope_delta = trunk_.rope_deltas.view(B, 1)
-        else:  # text only: positions count the real tokens, as generate() does
-            pos = (am.cumsum(-1) - 1).clamp(min=0).view(1, B, L).expand(3, B, L)
-            h = trunk_(**inputs, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-            rope_delta = 0
-        # a generated token's position, on all three M-RoPE axes: its index among the row's real tokens + the prompt's
-        # delta (the vision tokens' positions compress), i.e. its cache slot - the row's left padding + the delta
-        delta.copy_(rope_delta - (L - n_real))
-        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        tok.copy_(sample(infer.lm_head(h), temperature, top_p, ban))
-        for t in range(max_new_tokens):
-            out[:, t] = torch.where(done, pad, tok)
-            done |= tok == eos
-            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
-                return out[:, :t + 1]
-            tok.copy_(step())
-            slot += 1
-        return out
-    finally:
-        text_cfg._attn_implementation = attn
-
-
-@torch.no_grad()
-def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64, hf=False):
-    """Sample one response per prompt encoding (repeat a prompt n times for n samples). Greedy when temperature == 0.
-    Stops at the end-of-turn token. Returns a list of token-id lists, each ending with <|im_end|> unless cut at max_new_tokens.
-    Runs on the plain inference copy: no collectives, so ranks that finish early never hang the others.
-    The decode loop above (compiled on a GPU), or with hf=True (the stages' --hf-generate) Hugging Face generate() with the
-    dynamic KV cache, the readable reference. Greedy tokens are equal in fp32 (tested on CPU; on an H100, 64 prompts x 256
-    tokens, all equal); in bf16 kernels of different shapes round differently, so near-ties can flip."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    # special tokens other than the end of turn are never sampled: a stray <|image_pad|> in a response would break the
-    # image-token count of every later forward over it
-    banned = sorted(i for i, t in tokenizer.added_tokens_decoder.items() if t.special and i != eos)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        batch = data.collate(prompts[i:i + batch_size], pad, left=True)
-        if not hf:
-            new = decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature, top_p)
-        else:
-            kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-            new = infer.generate(**model_inputs(batch, device), max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=pad, top_k=None, suppress_tokens=banned, **kw)[:, batch["input_ids"].shape[1]:]
-        for row in new.tolist():
-            out.append(row[:row.index(eos) + 1] if eos in row else row)
-    return out
-
-
-def join_response(prompt, response_ids):
-    """A training item: prompt encoding + generated tokens, labels on the generated tokens only."""
-    r = torch.tensor(response_ids, dtype=torch.long)
-    item = {"input_ids": torch.cat([prompt["input_ids"], r]), "labels": torch.cat([torch.full_like(prompt["input_ids"], -100), r]),
-            "mm_token_type_ids": torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(r)])}
-    if "pixel_values" in prompt:
-        item["pixel_values"], item["image_grid_thw"] = prompt["pixel_values"], prompt["image_grid_thw"]
-    return item
 
 
 # -----------------------------------------------------------------------------
@@ -719,7 +531,17 @@ class Discriminator(PreTrainedModel):
 
 def load_discriminator(spec, processor, device, experts=4, top_k=2, noise=0.01, seed=0, trust_remote_code=False):
     """A discriminator from a saved directory (released layout), or upcycled from a dense policy: spec = "upcycle:DIR"
-    (experts > 1) or "dense:DIR" / experts == 1 (the dense-discriminator ablation). fp32 master weights."""
+    (experts > 1) or "dense:DIR" / experts == 1 (the dense-discriminator ablation). fp32 master weights. Refused when its
+    directory's tokenizer or image processor differs from `processor` (the policy's)."""
+    spec_dir = spec.split(":", 1)[-1]
+    if any(os.path.isfile(os.path.join(spec_dir, f)) for f in ("preprocessor_config.json", "processor_config.json")):
+        # the discriminator reads the policy's tokens and pixels: its tokenizer and image processor must be the same
+        other = load_processor(spec_dir)
+        keys = ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
+        ip_a, ip_b = processor.image_processor.to_dict(), other.image_processor.to_dict()
+        if other.tokenizer.get_vocab() != processor.tokenizer.get_vocab() or any(ip_a.get(k) != ip_b.get(k) for k in keys):
+            raise SystemExit(f"{spec_dir}: its tokenizer or image processor differs from the policy's; build the "
+                             f"discriminator from the same family (e.g. --disc upcycle:<the SFT policy dir>)")
     if spec.startswith(("upcycle:", "dense:")):
         dense = load_policy(spec.split(":", 1)[1], processor, device, seed=seed, trust_remote_code=trust_remote_code)
         trunk_model = upcycle(dense, experts, top_k, noise, seed) if spec.startswith("upcycle:") and experts > 1 else dense

@@ -14,11 +14,14 @@ import argparse
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 import data
+import engine
 import model as M
 import verify
 
@@ -83,19 +86,31 @@ def micro_groups(lengths, max_seqs, max_tokens=0):
     return groups + [cur] * bool(cur)
 
 
-def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo, clip_low, clip_high, clip_c, mini_batches,
-                  epochs, micro_batch, grad_clip, lr, ref=None, kl_coef=0.0, micro_tokens=0):
-    """The policy update on one rollout batch (also used by align.py): `mini_batches` optimizer steps per epoch, each over
-    this rank's share of the sequences, in length-sorted micro-batches (micro_groups: at most `micro_batch` sequences and
-    `micro_tokens` padded tokens). items: join_response dicts; adv: one advantage each.
-    Normalisation is global: a micro-batch's local-mean loss is rescaled by its share of the mini-batch's tokens (GRPO/DAPO)
-    or sequences (GSPO) over all ranks. Every rank runs the same number of forwards (FSDP); a rank short of micro-batches
-    runs `placeholder` with no supervised token. Returns the step's statistics."""
+@dataclass
+class UpdateConfig:
+    """The policy update's hyper-parameters (rl.py and align.py build one from their flags)."""
+    algo: str = "grpo"  # grpo | dapo | gspo: the ratio and the aggregation of policy_loss
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_c: float | None = 3.0  # dual-clip constant for A < 0 (None: off)
+    mini_batches: int = 1  # optimizer steps per epoch over the rollout batch (1 and epochs 1: on-policy, ratio 1)
+    epochs: int = 1
+    micro_batch: int = 8  # at most this many sequences per forward/backward per rank
+    micro_tokens: int = 0  # and at most this many padded tokens (0: no cap)
+    grad_clip: float = 1.0
+    kl_coef: float = 0.0  # k3 KL to a frozen reference (needs `ref`)
+
+
+def update_policy(policy, opt, items, adv, placeholder, cfg, lr, pad_id, device, ref=None):
+    """The policy update on one rollout batch (also align.py's): `cfg.mini_batches` optimizer steps per epoch, each over
+    this rank's share of the sequences, in length-sorted micro-batches (micro_groups). items: join_response dicts; adv: one
+    advantage each. Every rank runs the same number of forwards (FSDP); a rank short of micro-batches runs `placeholder`
+    with no supervised token. Returns the step's statistics."""
     ph = dict(placeholder)
     ph["labels"] = torch.full_like(ph["input_ids"], -100)  # no loss, no gradient
-    per_mb = math.ceil(len(items) / mini_batches)
-    mbs = [(items[i * per_mb:(i + 1) * per_mb], adv[i * per_mb:(i + 1) * per_mb]) for i in range(mini_batches)]
-    groups = [micro_groups([len(it["input_ids"]) for it in mb_items], micro_batch, micro_tokens) for mb_items, _ in mbs]
+    per_mb = math.ceil(len(items) / cfg.mini_batches)
+    mbs = [(items[i * per_mb:(i + 1) * per_mb], adv[i * per_mb:(i + 1) * per_mb]) for i in range(cfg.mini_batches)]
+    groups = [micro_groups([len(it["input_ids"]) for it in mb_items], cfg.micro_batch, cfg.micro_tokens) for mb_items, _ in mbs]
     n_micro = [max(M.all_max(len(g), device), 1) for g in groups]  # the ranks agree on each mini-batch's forward count
 
     def micro(j):
@@ -106,7 +121,7 @@ def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo,
 
     # old log-probs: only off-policy updates need them (with one mini-batch and one epoch, old = current, ratio 1)
     t0 = time.time()
-    on_policy = mini_batches == 1 and epochs == 1
+    on_policy = cfg.mini_batches == 1 and cfg.epochs == 1
     old, refs = {}, {}
     if not on_policy or ref is not None:
         with torch.no_grad():
@@ -121,8 +136,10 @@ def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo,
     t1 = time.time()
     clip_n = tok_n = 0.0
     gnorms, losses, skipped = [], [], 0
-    for epoch in range(epochs):
+    for epoch in range(cfg.epochs):
         for j, (mb_items, _) in enumerate(mbs):
+            # THE GLOBAL NORMALISER (the gradient contract of model.shard): supervised tokens (GRPO/DAPO: token-mean) or
+            # sequences (GSPO: seq-mean) of this mini-batch over ALL ranks; FSDP sums the gradients, it does not average
             n_tok = sum(int((it["labels"] != -100).sum()) for it in mb_items)
             denom_tok, denom_seq = M.all_sum([n_tok, len(mb_items)], device)
             loss_sum = 0.0
@@ -130,25 +147,25 @@ def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo,
                 logp = policy(b)  # (B, T) response-token log-probs, 0 elsewhere
                 mask = (b["labels"] != -100).to(device)
                 old_lp = old[j, i] if not on_policy else logp.detach()
-                loss = policy_loss(logp, old_lp, a.to(device), mask, algo=algo, clip_low=clip_low, clip_high=clip_high,
-                                   clip_c=clip_c)
+                loss = policy_loss(logp, old_lp, a.to(device), mask, algo=cfg.algo, clip_low=cfg.clip_low,
+                                   clip_high=cfg.clip_high, clip_c=cfg.clip_c)
                 # policy_loss is a local mean: rescale to this micro-batch's share of the global mean
-                share = mask.sum() / max(denom_tok, 1) if algo != "gspo" else mask.any(1).sum() / max(denom_seq, 1)
+                share = mask.sum() / max(denom_tok, 1) if cfg.algo != "gspo" else mask.any(1).sum() / max(denom_seq, 1)
                 loss = loss * share
-                if ref is not None:  # k3 estimator of KL(pi || ref), token-mean
+                if ref is not None:  # k3 estimator of KL(pi || ref), token-mean over the global token count
                     d = (refs[j, i] - logp) * mask
-                    loss = loss + kl_coef * ((torch.exp(d) - d - 1) * mask).sum() / max(denom_tok, 1)
+                    loss = loss + cfg.kl_coef * ((torch.exp(d) - d - 1) * mask).sum() / max(denom_tok, 1)
                 loss.backward()
                 loss_sum += loss.item()
                 with torch.no_grad():  # clip fraction: tokens whose (token or sequence) ratio is outside the clip range
                     lr_ = logp - old_lp
-                    if algo == "gspo":
+                    if cfg.algo == "gspo":
                         lr_ = ((lr_ * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logp)
                     ratio = torch.exp(lr_)
-                    clip_n += float((((ratio < 1 - clip_low) | (ratio > 1 + clip_high)) & mask).sum())
+                    clip_n += float((((ratio < 1 - cfg.clip_low) | (ratio > 1 + cfg.clip_high)) & mask).sum())
                     tok_n += float(mask.sum())
             loss_sum = M.all_sum(loss_sum, device)
-            gnorm = M.clip_grad(policy, grad_clip)
+            gnorm = M.clip_grad(policy, cfg.grad_clip)
             if not math.isfinite(gnorm) or not math.isfinite(loss_sum):  # global values: every rank agrees
                 opt.zero_grad(set_to_none=True)
                 skipped += 1
@@ -163,6 +180,16 @@ def update_policy(policy, opt, items, adv, placeholder, pad_id, device, *, algo,
     clip_n, tok_n = M.all_sum([clip_n, tok_n], device)
     return {"loss": sum(losses) / max(len(losses), 1), "grad_norm": sum(gnorms) / max(len(gnorms), 1),
             "clip_frac": clip_n / max(tok_n, 1), "t_logprobs": t_lp, "t_update": time.time() - t1, "skipped": skipped}
+
+
+class Group(NamedTuple):
+    """One prompt's G rollouts and their rewards (GRPO-Zero's Episode, per group)."""
+    example: data.Example
+    prompt: dict  # render_chat encoding of the prompt
+    responses: list  # G lists of token ids
+    rewards: torch.Tensor  # (G,) verify.reward scores (+ DAPO's overlong penalty)
+    accs: list  # (G,) answer correct
+    formats: list  # (G,) format-valid
 
 
 if __name__ == "__main__":
@@ -220,14 +247,15 @@ if __name__ == "__main__":
     p.add_argument("--wandb", default=None, help="wandb project name (off when unset)")
     args = p.parse_args()
     algo = ALGOS[args.algo]
-    clip_low = algo["clip_low"] if args.clip_low is None else args.clip_low
-    clip_high = algo["clip_high"] if args.clip_high is None else args.clip_high
-    clip_c = algo["clip_c"] if args.clip_c is None else args.clip_c
-    wd = algo["weight_decay"] if args.weight_decay is None else args.weight_decay
+    pick = lambda flag, key: algo[key] if flag is None else flag  # noqa: E731  a flag, else the algorithm's default
+    cfg = UpdateConfig(args.algo, pick(args.clip_low, "clip_low"), pick(args.clip_high, "clip_high"),
+                       pick(args.clip_c, "clip_c"), args.mini_batches, args.epochs, args.micro_batch, args.micro_tokens,
+                       args.grad_clip, args.kl_coef)
+    wd = pick(args.weight_decay, "weight_decay")
     warmup = args.warmup_steps if args.warmup_steps is not None else algo["warmup_steps"] or int(algo["warmup_ratio"] * args.steps)
     buffer = args.overlong_buffer if args.overlong_buffer is not None else args.max_new_tokens // 2
 
-    import eval as E  # eval.py's evaluate(), the same function `python eval.py` runs
+    import eval as evaluation  # eval.py's evaluate(), the same function `python eval.py` runs
     rank, world, device = M.init_dist()
     M.seed_all(args.seed)
     os.makedirs(args.out, exist_ok=True)
@@ -254,24 +282,24 @@ if __name__ == "__main__":
     evals = {k: v[:args.eval_limit] if args.eval_limit else v for k, v in evals.items()}
 
     hf = M.load_policy(args.policy, processor, device, seed=args.seed, trust_remote_code=args.trust_remote_code)
-    infer = M.make_inference_copy(hf, device)  # the generation copy, refreshed from the trained weights every step
+    infer = engine.make_inference_copy(hf, device)  # the generation copy, refreshed from the trained weights every step
     ref = None
     if args.kl_coef > 0:  # a frozen reference only when the KL term is on
         ref = M.shard(M.LogProbs(M.load_policy(args.policy, processor, device), args.temperature), device)
         ref.requires_grad_(False)
     policy = M.shard(M.LogProbs(hf, args.temperature), device, args.freeze_vision, args.grad_ckpt, args.compile)
     opt = M.make_optimizer(policy, args.lr, wd)
-    M.print0(f"world {world} | {args.algo}: clip {clip_low}/{clip_high} dual-clip {clip_c} wd {wd} warm-up {warmup} | "
-             f"{P} prompts x {G} rollouts = {P * G} sequences/step ({P_rank * G} per rank) | {args.mini_batches} mini-batches x "
-             f"{args.epochs} epochs | kl {args.kl_coef} | {len(prompts)} prompts ({n_long} over-long dropped), {args.steps} steps")
+    M.print0(f"world {world} | {args.algo}: clip {cfg.clip_low}/{cfg.clip_high} dual-clip {cfg.clip_c} wd {wd} warm-up "
+             f"{warmup} | {P} prompts x {G} rollouts = {P * G} sequences/step ({P_rank * G} per rank) | {args.mini_batches} "
+             f"mini-batches x {args.epochs} epochs | kl {args.kl_coef} | {len(prompts)} prompts ({n_long} over-long dropped), "
+             f"{args.steps} steps")
 
     def rollout(pos, n_prompts):
-        """Generate G responses for each of this rank's prompts at stream positions [pos, pos + n_prompts * world).
-        Returns a list of groups: (example, prompt encoding, [response ids] * G, rewards (G,), accs, formats)."""
+        """G responses for each of this rank's prompts at stream positions [pos, pos + n_prompts * world): a Group each."""
         mine = [prompts[i] for i in data.stream_indices(len(prompts), args.seed, pos + rank * n_prompts, n_prompts)]
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
-        outs = M.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
-                          args.top_p, args.gen_batch, args.hf_generate)
+        outs = engine.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
+                               args.top_p, args.gen_batch, args.hf_generate)
         groups = []
         for i, (ex, e) in enumerate(zip(mine, enc)):
             resp = outs[i * G:(i + 1) * G]
@@ -280,8 +308,25 @@ if __name__ == "__main__":
             if args.algo == "dapo":  # soft overlong punishment on the reward
                 score += torch.tensor([overlong_penalty(len(r), args.max_new_tokens, buffer, args.overlong_factor)
                                        for r in resp])
-            groups.append((ex, e, resp, score, [r["acc"] for r in rs], [r["format"] for r in rs]))
+            groups.append(Group(ex, e, resp, score, [r["acc"] for r in rs], [r["format"] for r in rs]))
         return groups
+
+    def dapo_fill(groups, pos):
+        """DAPO dynamic sampling: keep the groups whose rewards differ; refill from new generation batches until the step
+        holds P groups over all ranks (or the tries run out). Counts are all-reduced, so every rank decides the same.
+        Returns (this rank's kept groups, every group generated, the stream position, the share of groups kept)."""
+        kept, generated = [g for g in groups if keep_mixed_groups(g.rewards, G)[0]], list(groups)
+        for _ in range(args.dapo_tries - 1):
+            if M.all_sum(len(kept), device) >= P:
+                break
+            more = rollout(pos, P_rank * args.dapo_gen_mult)
+            pos += P * args.dapo_gen_mult
+            generated += more
+            kept += [g for g in more if keep_mixed_groups(g.rewards, G)[0]]
+        counts = [0] * world
+        dist.all_gather_object(counts, len(kept))
+        quota = max(0, min(len(kept), P - sum(counts[:rank])))  # fill P groups in rank order
+        return kept[:quota], generated, pos, sum(counts) / M.all_sum(len(generated), device)
 
     def lr_at(step):
         return args.lr * min(1.0, (step + 1) / warmup) if warmup else args.lr
@@ -296,76 +341,54 @@ if __name__ == "__main__":
 
     for step in range(start, args.steps + 1):
         last_step = step == args.steps
-        M.sync_weights(policy, infer)  # gather the trained weights once for this step's rollouts (and eval)
+        engine.sync_weights(policy, infer)  # gather the trained weights once for this step's rollouts (and eval)
         if evals and (last_step or (args.eval_every and step % args.eval_every == 0)):
             for name, exs in evals.items():
-                r = E.evaluate(infer, processor, exs, device, max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
-                               desc=f"eval {name}", hf=args.hf_generate)
+                r = evaluation.evaluate(infer, processor, exs, device, max_new_tokens=args.max_new_tokens,
+                                        max_pixels=args.max_pixels, desc=f"eval {name}", hf=args.hf_generate)
                 M.print0(f"step {step:05d}/{args.steps:05d} | eval {name} | acc {r['acc']:.3f} | format {r['format']:.3f} | "
                          f"len {r['length']:.1f}")
                 log({"step": step, "eval": True, f"eval_{name}_acc": r["acc"], f"eval_{name}_format": r["format"],
                      f"eval_{name}_length": r["length"]})
         if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
-            M.save_checkpoint(ckpt_dir, step, {"policy": (policy, opt)},
-                              {"pos": pos, "skipped_steps": n_skipped_steps})
+            M.save_checkpoint(ckpt_dir, step, {"policy": (policy, opt)}, {"pos": pos, "skipped_steps": n_skipped_steps})
         if last_step:
             break
 
-        # ---- rollouts ------------------------------------------------------------------------------------------
+        # ---- rollouts: G per prompt, each group whole on this rank -------------------------------------------------
         t0 = time.time()
         torch.manual_seed(args.seed * 100003 + step * 101 + rank)  # sampling noise: a function of (seed, step, rank)
-        groups = rollout(pos, P_rank)
+        generated = groups = rollout(pos, P_rank)
         pos += P
-        n_gen = len(groups)
+        kept_ratio = 1.0
         if args.algo == "dapo":
-            # dynamic sampling: keep groups whose rewards differ; refill from new generation batches until the step holds
-            # P groups over all ranks (or the tries run out). The counts are all-reduced so every rank decides the same.
-            kept = [g for g in groups if keep_mixed_groups(g[3], G)[0]]
-            for _ in range(args.dapo_tries - 1):
-                if M.all_sum(len(kept), device) >= P:
-                    break
-                more = rollout(pos, P_rank * args.dapo_gen_mult)
-                pos += P * args.dapo_gen_mult
-                n_gen += len(more)
-                kept += [g for g in more if keep_mixed_groups(g[3], G)[0]]
-            counts = [0] * world
-            dist.all_gather_object(counts, len(kept))
-            quota = max(0, min(len(kept), P - sum(counts[:rank])))  # fill P groups in rank order
-            n_gen_all = M.all_sum(n_gen, device)
-            kept_ratio = sum(counts) / n_gen_all
-            all_groups, groups = groups, kept[:quota]
-        else:
-            all_groups, kept_ratio = groups, 1.0
+            groups, generated, pos, kept_ratio = dapo_fill(groups, pos)
         t_gen = time.time() - t0
 
-        # ---- batch, advantages ---------------------------------------------------------------------------------
+        # ---- advantages: group normalisation of the rewards, broadcast to every response token --------------------
         items, adv = [], []
-        for ex, e, resp, score, _, _ in groups:
-            a = group_advantages(score, G)  # (G,)
-            for r, ai in zip(resp, a):
-                items.append(M.join_response(e, r))
-                adv.append(float(ai))
-        stats = [(s, acc, fmt, len(r)) for _, _, resp, score, accs, fmts in all_groups
-                 for s, acc, fmt, r in zip(score.tolist(), accs, fmts, resp)]
-        n_seq = M.all_sum(len(items), device)
-        if n_seq == 0:  # nothing to learn from anywhere (DAPO found no mixed group): skip the update on every rank
+        for g in groups:
+            for r, a in zip(g.responses, group_advantages(g.rewards, G)):
+                items.append(data.join_response(g.prompt, r))
+                adv.append(float(a))
+        if M.all_sum(len(items), device) == 0:  # nothing to learn from anywhere (DAPO found no mixed group)
             M.print0(f"step {step + 1:05d}/{args.steps:05d} | no group with mixed rewards: update skipped")
             n_skipped_steps += 1
             continue
-        placeholder = items[0] if items else M.join_response(data.render_chat(processor, prompts[0]), [pad_id])
-        up = update_policy(policy, opt, items, adv, placeholder, pad_id, device, algo=args.algo, clip_low=clip_low,
-                           clip_high=clip_high, clip_c=clip_c, mini_batches=args.mini_batches, epochs=args.epochs,
-                           micro_batch=args.micro_batch, micro_tokens=args.micro_tokens, grad_clip=args.grad_clip,
-                           lr=lr_at(step), ref=ref, kl_coef=args.kl_coef)
+
+        # ---- policy update ---------------------------------------------------------------------------------------
+        placeholder = items[0] if items else data.join_response(data.render_chat(processor, prompts[0]), [pad_id])
+        up = update_policy(policy, opt, items, adv, placeholder, cfg, lr_at(step), pad_id, device, ref)
         n_skipped_steps += up["skipped"]
         bad_in_row = bad_in_row + up["skipped"] if up["skipped"] else 0
         if bad_in_row >= args.max_bad_steps:
             raise SystemExit(f"{bad_in_row} non-finite updates in a row: stopping. Lower --lr or check the data.")
 
-        # ---- log -----------------------------------------------------------------------------------------------
+        # ---- log: statistics over every generated rollout (DAPO: the filtered-out groups too) -----------------------
+        stats = [(s, acc, fmt, len(r)) for g in generated for s, acc, fmt, r in zip(g.rewards.tolist(), g.accs, g.formats,
+                                                                                   g.responses)]
         s = torch.tensor(stats, dtype=torch.float64) if stats else torch.zeros(0, 4, dtype=torch.float64)
-        tot = M.all_sum([float(s[:, 0].sum()), float(s[:, 1].sum()), float(s[:, 2].sum()), float(s[:, 3].sum()), len(s)],
-                        device)
+        tot = M.all_sum([*s.sum(0).tolist(), len(s)], device)
         n, len_max = max(tot[4], 1), M.all_max(int(s[:, 3].max()) if len(s) else 0, device)
         rec = {"step": step + 1, "reward": tot[0] / n, "acc": tot[1] / n, "format": tot[2] / n, "len_mean": tot[3] / n,
                "len_max": len_max, "kept_ratio": kept_ratio, "t_gen": t_gen, **up, "lr": lr_at(step),

@@ -4,7 +4,7 @@
 #   -> eval.py on every stage -> RUN/report.md
 # Knobs (environment): NPROC (processes; GPUs when present, default all of them or 1 on CPU), SEED (0), ALGO (grpo, dapo,
 # gspo or a list of them, e.g. "grpo dapo gspo"), QUICK=1 (a smoke run of a few minutes), RUN (output dir, default
-# runs/shapes-<config>-s<SEED>), DATA (data/shapes-s<SEED>), DISC_ARGS (extra align.py flags for the discriminator, e.g.
+# runs/shapes-<config>-s<SEED>), DATA (data/shapes-s<SEED>), DISC_ARGS (extra warmup.py/align.py flags for the discriminator, e.g.
 # "--disc-experts 1" or "--disc-text-only": the paper's ablations), ARMS (the RL arms: "sft align", RL from the SFT policy
 # and from the aligned one; "align" alone for an ablation). With one process on a GPU the RL runs and the
 # evaluations share the GPU concurrently (each logs to RUN/<name>.log).
@@ -72,9 +72,8 @@ done_ "$RUN/sft" || launch sft.py --init "$RUN/base" --data "$DATA/sft.jsonl" --
   --max-len 1024
 
 say "discriminator: upcycle the SFT policy + warm-up -> $RUN/disc"
-done_ "$RUN/disc" || launch align.py --warmup-only --disc "upcycle:$RUN/sft" --warmup-data "$DATA/warmup.jsonl" \
-  --out "$RUN/disc" --warmup-epochs "$WARM_EPOCHS" --warmup-batch 16 --warmup-lr 1e-4 --warmup-val 32 --disc-micro 32 \
-  --seed "$SEED" $DISC_ARGS
+done_ "$RUN/disc" || launch warmup.py --disc "upcycle:$RUN/sft" --data "$DATA/warmup.jsonl" --out "$RUN/disc" \
+  --epochs "$WARM_EPOCHS" --batch-size 16 --lr 1e-4 --val 32 --disc-micro 32 --seed "$SEED" $DISC_ARGS
 
 say "stage 2: alignment -> $RUN/align"
 done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --data "$DATA/align.parquet" \

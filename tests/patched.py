@@ -2,7 +2,7 @@
 
     PATCH_GENERATE=mixed PATCH_NAN=1:2 python tests/patched.py rl.py --policy ...
 
-PATCH_GENERATE replaces model.generate:
+PATCH_GENERATE replaces engine.generate:
   rank0-valid  rank 0 answers every prompt with a format-valid response, every other rank with text that is never valid
                (and of uneven lengths);
   none-valid   no rank ever produces a valid response;
@@ -19,6 +19,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import engine  # noqa: E402
 import model as M  # noqa: E402
 
 VALID = "<caption>\n- row 1, column 1: red circle\n</caption>\n<think>\nI look.\n</think>\n<answer>1</answer>"
@@ -47,7 +48,7 @@ def scripted_generate(infer, prompts, tokenizer, device, max_new_tokens, tempera
 
 
 if os.environ.get("PATCH_GENERATE"):
-    M.generate = scripted_generate
+    engine.generate = scripted_generate
 
 if os.environ.get("PATCH_NO_DROPOUT"):  # the discriminator's score dropout draws from each rank's own RNG stream
     import torch

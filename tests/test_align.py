@@ -1,9 +1,10 @@
-"""align.py's advantage and discriminator loss against hand-worked values; the policy update at ratio 1 is REINFORCE;
-the discriminator: upcycling, released layout, segment framing, hard routing, text-only."""
+"""align.py: the advantage and the discriminator loss against hand-worked values; the policy update at ratio 1 is
+REINFORCE; the discriminator (upcycling, released layout, segment framing, hard routing, text-only); the game under torchrun."""
 
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -14,17 +15,12 @@ import align
 import data
 import model as M
 import rl
-
-
-@pytest.fixture(scope="module")
-def dist1():
-    if not dist.is_initialized():
-        M.init_dist()
-    return torch.device("cpu")
-
+from helpers import MIXED, align_args, assert_same_params, check_two_equal_one_and_resume, checkpoint_params, last_checkpoint, \
+    metrics, run
 
 # -----------------------------------------------------------------------------
-# advantages
+# advantages and the discriminator loss
+
 
 def gn(xs):
     m = sum(xs) / len(xs)
@@ -64,9 +60,6 @@ def test_alignment_advantages_alpha_group_of_one_and_nan():
     torch.testing.assert_close(an, torch.tensor(gn([2, -1, 0, 4])), atol=1e-5, rtol=1e-5)
 
 
-# -----------------------------------------------------------------------------
-# discriminator loss
-
 def test_discriminator_loss_values_and_grads():
     g = torch.Generator().manual_seed(0)
     sc = [torch.randn(6, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(4)]
@@ -104,15 +97,14 @@ def test_discriminator_loss_fallback():
     assert tcap.grad.abs().sum() > 0 and tcot.grad.abs().sum() > 0
 
 
-# -----------------------------------------------------------------------------
-# the policy update with one mini-batch and one epoch is REINFORCE with the advantages
-
 @pytest.mark.parametrize("micro_batch,token_cap", [(3, 0), (1, 0), (4, 2)])
+
+
 def test_on_policy_update_is_reinforce(dist1, world, processor, micro_batch, token_cap):
     # any micro-batching (length-sorted, capped by sequences or by padded tokens) gives the same update
     exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
     g = torch.Generator().manual_seed(0)
-    items = [M.join_response(data.render_chat(processor, ex), torch.randint(20, 300, (n,), generator=g).tolist())
+    items = [data.join_response(data.render_chat(processor, ex), torch.randint(20, 300, (n,), generator=g).tolist())
              for ex, n in zip(exs[:4], (5, 9, 3, 7))]
     adv = [1.3, -0.4, 0.0, -2.1]
     ref = M.load_policy("tiny", processor, dist1, seed=5)
@@ -126,18 +118,20 @@ def test_on_policy_update_is_reinforce(dist1, world, processor, micro_batch, tok
     policy = M.shard(M.LogProbs(M.load_policy("tiny", processor, dist1, seed=5)), dist1)
     before = {n.removeprefix("hf."): p.detach().full_tensor().clone() for n, p in policy.named_parameters()}
     opt = torch.optim.SGD(policy.parameters(), lr=1.0)  # one SGD step of lr 1: the parameter change is minus the gradient
-    rl.update_policy(policy, opt, items, adv, items[0], 0, dist1, algo="grpo", clip_low=0.2, clip_high=0.2, clip_c=3.0,
-                     mini_batches=1, epochs=1, micro_batch=micro_batch, grad_clip=1e9, lr=1.0,
-                     micro_tokens=token_cap * max(len(it["input_ids"]) for it in items))
+    cfg = rl.UpdateConfig("grpo", 0.2, 0.2, 3.0, micro_batch=micro_batch, grad_clip=1e9,
+                          micro_tokens=token_cap * max(len(it["input_ids"]) for it in items))
+    rl.update_policy(policy, opt, items, adv, items[0], cfg, 1.0, 0, dist1)
     for n, p in policy.named_parameters():
         n = n.removeprefix("hf.")
         torch.testing.assert_close(before[n] - p.detach().full_tensor(), want[n], atol=2e-6, rtol=1e-4)
 
-
 # -----------------------------------------------------------------------------
-# the discriminator
+# the discriminator and its framing
+
 
 @pytest.fixture(scope="module")
+
+
 def dense(world, processor):
     return M.load_policy("tiny", processor, torch.device("cpu"), seed=7).eval()
 
@@ -175,8 +169,8 @@ def test_released_layout_loads_and_scores_at_the_last_token(world, processor, de
     exs, _ = data.read_examples(os.path.join(world[0], "align.parquet"), "prompt")
     segs = [exs[0].teacher_caption, exs[1].teacher_cot]
     with torch.no_grad():
-        got, _, _ = align.score_segments(disc, processor, exs[:2], segs, ["cap", "cot"], "cpu", pad=(exs[0], segs[0]),
-                                         max_pixels=10 ** 6)
+        seqs = [align.Seq(exs[0], segs[0], "cap"), align.Seq(exs[1], segs[1], "cot")]
+        got, _, _ = align.score_segments(disc, align.Framing(processor, 10 ** 6), seqs, "cpu", seqs[0])
         for i in range(2):  # manual: one example, no padding, head at the final (<|im_end|>) token
             it = data.render_chat(processor, exs[i], segs[i])
             assert processor.tokenizer.convert_ids_to_tokens(int(it["input_ids"][-1])) == "<|im_end|>"
@@ -218,16 +212,15 @@ def test_hard_routing_obeys_the_segment_mask(world, processor, dense):
     assert len(hooks) == 4
     exs, _ = data.read_examples(os.path.join(world[0], "align.parquet"), "prompt")
     segs = [exs[0].teacher_caption, exs[0].teacher_cot]
+    seqs = [align.Seq(exs[0], segs[0], "cap"), align.Seq(exs[0], segs[1], "cot")]
     with torch.no_grad():
-        align.score_segments(disc, processor, [exs[0]] * 2, segs, ["cap", "cot"], "cpu", pad=(exs[0], segs[0]),
-                             max_pixels=10 ** 6, routing=True)
+        align.score_segments(disc, align.Framing(processor, 10 ** 6, routing=True), seqs, "cpu", seqs[0])
     T = max(len(data.render_chat(processor, exs[0], s)["input_ids"]) for s in segs)
     for idx in chosen:  # (B*T, k): row-major over (sequence, token)
         assert (idx[:T] < 2).all() and (idx[T:] >= 2).all()
     chosen.clear()
     with torch.no_grad():  # learned routing (no mask) uses both halves somewhere
-        align.score_segments(disc, processor, [exs[0]] * 2, segs, ["cap", "cot"], "cpu", pad=(exs[0], segs[0]),
-                             max_pixels=10 ** 6)
+        align.score_segments(disc, align.Framing(processor, 10 ** 6), seqs, "cpu", seqs[0])
     allidx = torch.cat(chosen)
     assert (allidx < 2).any() and (allidx >= 2).any()
 
@@ -239,32 +232,69 @@ def test_text_only_passes_no_pixels(world, processor, dense):
     exs, _ = data.read_examples(os.path.join(world[0], "align.parquet"), "prompt")
     seg = exs[0].teacher_caption
     with torch.no_grad():
-        align.score_segments(disc, processor, [exs[0]], [seg], ["cap"], "cpu", pad=(exs[0], seg), max_pixels=10 ** 6,
-                             text_only=True)
+        seqs = [align.Seq(exs[0], seg, "cap")]
+        align.score_segments(disc, align.Framing(processor, 10 ** 6, text_only=True), seqs, "cpu", seqs[0])
         assert calls == []
-        align.score_segments(disc, processor, [exs[0]], [seg], ["cap"], "cpu", pad=(exs[0], seg), max_pixels=10 ** 6)
+        align.score_segments(disc, align.Framing(processor, 10 ** 6), seqs, "cpu", seqs[0])
         assert calls == [1]
     it = data.render_chat(processor, exs[0], seg, with_images=False)
     assert "pixel_values" not in it and processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") not in it["input_ids"]
 
-
 # -----------------------------------------------------------------------------
-# the game under data parallelism: ranks whose rollouts are all invalid must not hang the others
+# the game under torchrun: 2 processes == 1, kill + resume, invalid ranks, faults
+
+
+def test_two_processes_equal_one_and_kill_resume_is_bitwise(world, tiny_dirs, tmp_path):
+    # the discriminator too: Adam moves even a rounding-level gradient by ~lr (1e-4) per step, hence its 1e-5
+    check_two_equal_one_and_resume("align.py", lambda out: align_args(world, *tiny_dirs, out), tmp_path,
+                                   {"policy.model.": 2e-6, "disc.": 1e-5})
+
+
+def test_a_group_split_over_two_processes_equals_one_process(world, tiny_dirs, tmp_path):
+    """align.py with fewer prompts than processes (the paper's 4 prompts on 8 GPUs): one prompt's 4 rollouts over 2 ranks.
+    The advantage gathers the group's scores from both; weights and logged scores equal the 1-process run's."""
+    policy, disc = tiny_dirs
+    env = {**MIXED, "PATCH_NO_DROPOUT": "1", "PATCH_GROUP": "4"}
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    for out, n in ((one, 1), (two, 2)):
+        run("align.py", *align_args(world, policy, disc, out, prompts=1, steps=2, save_every=0), nproc=n, env=env)
+    # 1e-5 for both models: the rounding-level score differences of the split group pass through the group normalisation
+    # into the advantages, and Adam moves a rounding-level gradient change by up to ~lr (1e-4) per step
+    for prefix in ("policy.model.", "disc."):
+        assert_same_params(checkpoint_params(last_checkpoint(one), prefix), checkpoint_params(last_checkpoint(two), prefix),
+                           atol=1e-5)
+    m1, m2 = ([m for m in metrics(o) if "valid" in m] for o in (one, two))
+    assert [m["valid"] for m in m1] == [m["valid"] for m in m2] == [0.5, 0.5]  # 2 of the 4 scripted rollouts are valid
+    for a, b in zip(m1, m2):
+        for k in ("student_cap", "student_cot", "teacher_cap", "d_loss"):
+            assert abs(a[k] - b[k]) < 1e-4, k
+
+
+def test_align_micro_batches_by_tokens_equal_one_micro_batch(world, tiny_dirs, tmp_path):
+    """--micro-tokens caps the discriminator's update micro-batches too (the OOM of the 4-H100 alignment step): a cap of
+    one token puts every pair (and every policy sequence) in its own forward; weights and scores equal the uncapped run's."""
+    policy, disc = tiny_dirs
+    env = {**MIXED, "PATCH_NO_DROPOUT": "1"}
+    outs = [str(tmp_path / n) for n in ("whole", "capped")]
+    for out, cap in zip(outs, (0, 1)):
+        run("align.py", *align_args(world, policy, disc, out, steps=2, save_every=0, disc_micro=16, micro_tokens=cap),
+            env=env)
+    for prefix, atol in (("policy.model.", 2e-6), ("disc.", 1e-5)):
+        assert_same_params(*(checkpoint_params(last_checkpoint(o), prefix) for o in outs), atol=atol)
+    m1, m2 = ([m for m in metrics(o) if "valid" in m] for o in outs)
+    assert [m["valid"] for m in m1] == [m["valid"] for m in m2] and m1[0]["valid"] > 0
+    for a, b in zip(m1, m2):
+        for k in ("student_cap", "student_cot", "d_loss", "cap_acc"):
+            assert abs(a[k] - b[k]) < 1e-4, k
+
 
 @pytest.mark.parametrize("mode", ["rank0-valid", "none-valid"])
+
+
 def test_two_process_game_with_invalid_ranks(world, tiny_dirs, tmp_path, mode):
-    from helpers import ENV, ROOT, metrics
-    import subprocess
-    import sys
-    policy, disc = tiny_dirs
     out = str(tmp_path / "align")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "tests", "patched.py"), "align.py", "--policy", policy, "--disc", disc,
-           "--data", os.path.join(world[0], "align.parquet"), "--out", out, "--prompts", "2", "--group-size", "3",
-           "--steps", "2", "--max-new-tokens", "16", "--lr", "1e-4", "--disc-lr", "1e-4", "--disc-micro", "4",
-           "--micro-batch", "2"]
-    r = subprocess.run(cmd, cwd=ROOT, env={**ENV, "PATCH_GENERATE": mode}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    run("align.py", *align_args(world, *tiny_dirs, out, group_size=3, steps=2, save_every=0), nproc=2,
+        env={"PATCH_GENERATE": mode})
     recs = [m for m in metrics(out) if "valid" in m]
     assert len(recs) == 2
     for m in recs:
@@ -276,17 +306,26 @@ def test_two_process_game_with_invalid_ranks(world, tiny_dirs, tmp_path, mode):
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
 
 
-def test_warmup_reaches_held_out_pair_accuracy(tmp_path):
-    """python model.py init + align.py --warmup-only --disc upcycle:... on the synthetic warm-up pairs: the discriminator
-    ranks the teacher above the broad-style student on >= 90% of held-out pairs, in both channels."""
-    from helpers import script
-    world = str(tmp_path / "w")
-    data.make_synthetic(world, seed=3, n_sft=8, n_align=8, n_rl=8, n_eval=8, n_hard=8, n_warmup=128)
-    script("model.py", "init", "--config", "tiny", "--processor", world + "/processor", "--out", str(tmp_path / "p"))
-    out = str(tmp_path / "disc")
-    script("align.py", "--warmup-only", "--disc", f"upcycle:{tmp_path / 'p'}", "--warmup-data", world + "/warmup.jsonl",
-           "--out", out, "--warmup-batch", "16", "--warmup-epochs", "1", "--warmup-val", "32", "--warmup-lr", "1e-3",
-           "--disc-micro", "64")
-    val = json.load(open(os.path.join(out, "run_config.json")))["val"]
-    assert val["cap_acc"] >= 0.9 and val["cot_acc"] >= 0.9, val
-    assert M.Discriminator.from_pretrained(out).config.text_config.num_experts == 4
+def test_align_nan_in_the_discriminator_update_is_skipped_and_counted(world, tiny_dirs, tmp_path):
+    out = str(tmp_path / "align")
+    run("align.py", *align_args(world, *tiny_dirs, out, steps=2, save_every=0), nproc=2,
+        env={**MIXED, "PATCH_NAN": "1:1"})  # the first clip_grad of the game: step 1's discriminator update
+    recs = [m for m in metrics(out) if "valid" in m]
+    assert [m["skipped_steps"] for m in recs] == [1, 1]
+    assert json.load(open(os.path.join(out, "run_config.json")))["skipped_steps"] == 1
+
+
+def test_wrong_configurations_are_refused(world, tiny_dirs, tmp_path):
+    policy, disc = tiny_dirs
+    # a discriminator whose image processor differs from the policy's
+    other = tmp_path / "disc"
+    shutil.copytree(disc, other)
+    p = M.load_processor(str(other))
+    p.image_processor.image_mean = [0.0, 0.0, 0.0]
+    p.save_pretrained(str(other))
+    r = run("align.py", *align_args(world, policy, str(other), str(tmp_path / "a")), check=False, timeout=120)
+    assert r.returncode != 0 and "tokenizer or image processor differs from the policy's" in r.stdout + r.stderr
+    # a world size that does not divide the step's rollouts
+    r = run("align.py", *align_args(world, policy, disc, str(tmp_path / "a3"), prompts=1, group_size=3), nproc=2, check=False,
+            timeout=120)
+    assert r.returncode != 0 and "--prompts x --group-size (1 x 3) must be divisible by the world size 2" in r.stdout + r.stderr

@@ -1,24 +1,21 @@
-"""model.py: log-probs against an independent computation, generation, FSDP2 wrapping, HF save/load round-trip."""
+"""model.py: log-probs against an independent computation, FSDP2 wrapping, HF save/load round-trip, what it refuses."""
 
+import json
 import os
+import pickle
+import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
-from transformers import StaticCache
 
 import data
 import model as M
+from helpers import ROOT
 
 
 @pytest.fixture(scope="module")
-def dist1():
-    if not dist.is_initialized():
-        M.init_dist()
-    return torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
 def items(world, processor):
     exs, _ = data.read_examples(os.path.join(world[0], "sft.jsonl"), "sft")
     return [data.render_chat(processor, ex, ex.response) for ex in exs[:4]]
@@ -87,119 +84,6 @@ def test_compiled_blocks_give_the_same_logprobs_and_gradients(dist1, processor, 
         torch.testing.assert_close(out[1][1][n], out[0][1][n], atol=1e-5, rtol=1e-4)
 
 
-@pytest.fixture(params=["tiny", "tiny-untied"])
-def tiny_name(request, monkeypatch):
-    """The tiny config with the output layer tied to the embeddings (as the 2B and 4B) and untied (as the 8B)."""
-    monkeypatch.setitem(M.CONFIGS, "tiny-untied", dict(M.CONFIGS["tiny"], tied=False))
-    return request.param
-
-
-def test_greedy_generation_is_deterministic_and_the_static_path_equals_hf(world, processor, tiny_name):
-    hf = M.load_policy(tiny_name, processor, torch.device("cpu"), seed=1)
-    assert (hf.lm_head.weight is hf.model.language_model.embed_tokens.weight) == (tiny_name == "tiny")
-    infer = M.make_inference_copy(hf, torch.device("cpu"))
-    exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
-    text_only = data.Example(question="How many shapes are there? Answer with a number.", images=[], where="t")
-    prompts = [data.render_chat(processor, ex) for ex in exs[:3]] + [data.render_chat(processor, text_only)]
-    assert len({len(p["input_ids"]) for p in prompts}) > 1  # left padding in the batch
-    a = M.generate(infer, prompts, processor.tokenizer, "cpu", max_new_tokens=12, temperature=0, hf=True)
-    b = M.generate(infer, prompts, processor.tokenizer, "cpu", max_new_tokens=12, temperature=0, batch_size=1, hf=True)
-    assert a == b  # batching and left padding do not change greedy tokens
-    assert all(len(r) == 12 for r in a)  # a random model does not stop early
-    # the static-cache decode loop: the same greedy tokens (M-RoPE positions of images, padding, a text-only row)
-    for bs in (4, 1):
-        assert M.generate(infer, prompts, processor.tokenizer, "cpu", 12, temperature=0, batch_size=bs) == a
-    # ... and a text-only batch after an image batch (no stale rope deltas)
-    assert M.generate(infer, prompts[3:], processor.tokenizer, "cpu", 12, temperature=0) == a[3:]
-
-
-def test_static_sampling_respects_top_p_and_banned_tokens():
-    torch.manual_seed(0)
-    logits = torch.randn(4000, 6)
-    banned = torch.tensor([False, False, True, False, False, False])
-    draws = M.sample(logits, 1.0, 1.0, banned)
-    assert not (draws == 2).any()
-    # frequencies follow softmax(logits) over the allowed tokens (the Gumbel-max trick), row by row in expectation
-    p = logits.masked_fill(banned, float("-inf")).softmax(-1).mean(0)
-    freq = torch.bincount(draws, minlength=6).float() / len(draws)
-    torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
-    # top_p keeps the smallest head reaching p: with p tiny, only the argmax survives
-    assert M.sample(logits, 1.0, 1e-6, banned).equal(M.sample(logits, 0, 1.0, banned))
-
-
-def test_gqa_decode_attention_equals_sdpa_with_repeated_heads():
-    # one query token per row, 8 query heads over 2 K/V heads, left padding and unwritten cache slots masked
-    torch.manual_seed(0)
-    B, H, Hkv, n, D = 3, 8, 2, 10, 16
-    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
-    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
-    mask[0, ..., :3] = False  # row 0: three slots of left padding
-    mask[:, ..., 7:] = False  # slots not written yet
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal, module.training = H // Hkv, True, False
-    out, _ = M.gqa_decode_attention(module, q, k, v, mask, scaling=0.25)
-    ref = torch.softmax((q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf")), -1) \
-        @ v.repeat_interleave(H // Hkv, 1)  # (B, H, 1, D): query head h reads K/V head h // (H / Hkv)
-    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
-
-
-def test_kv_cache_bytes_is_the_static_cache_allocation(processor):
-    """The memory check before a GPU rollout counts what StaticCache allocates (tiny and the 4B's 147 kB per slot)."""
-    for name, dtype in (("tiny", torch.float32), ("4b", torch.bfloat16)):
-        cfg = M.build_config(name, processor.tokenizer)
-        tc = cfg.text_config
-        cache = StaticCache(config=cfg, max_cache_len=7)
-        with torch.device("meta"):  # shapes only: no memory for the 4B
-            cache.early_initialization(3, tc.num_key_value_heads, tc.head_dim, dtype, torch.device("meta"))
-        real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-        assert M.kv_cache_bytes(tc, 3, 7, dtype) == real
-    assert M.kv_cache_bytes(M.build_config("4b", processor.tokenizer).text_config, 1, 1, torch.bfloat16) == 147456
-
-
-def test_a_rollout_whose_kv_cache_cannot_fit_stops_with_the_flags_to_change(monkeypatch, processor):
-    """On a GPU decode() compares the cache with the free memory before allocating anything (faked here: 0.1 GB free)."""
-    cfg = M.build_config("tiny", processor.tokenizer)
-    infer = type("Infer", (), {"config": cfg, "dtype": torch.bfloat16})()
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (10**8, 80 * 10**9))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 0)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 0)
-    batch = {"input_ids": torch.zeros(64, 2000, dtype=torch.long)}
-    need = M.kv_cache_bytes(cfg.text_config, 64, 10240, torch.bfloat16)  # 2,000 + 8,192 slots rounded up to 256
-    with pytest.raises(SystemExit, match=f"64 sequences x 10240 slots needs {need / 1e9:.1f} GB, 0.1 GB is free: lower --gen-batch"):
-        M.decode(infer, batch, torch.device("cuda"), 8192, 0, 0, [])
-
-
-def test_generation_stops_at_end_of_turn(world, processor):
-    """A scripted output layer: row i emits token 100 for i + 1 steps, then <|im_end|>; generation must cut there."""
-    tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    hf = M.load_policy("tiny", processor, torch.device("cpu"))
-    infer = M.make_inference_copy(hf, torch.device("cpu"))
-
-    class Scripted(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, h):  # (B, T, H) from generate(), (B, H) from the static loop
-            logits = torch.zeros(*h.shape[:-1], len(tok))
-            for i in range(h.shape[0]):
-                logits[i, ..., eos if self.calls > i else 100] = 10.0
-            self.calls += 1
-            return logits
-
-    exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
-    prompts = [data.render_chat(processor, ex) for ex in exs[:3]]
-    for hf in (True, False):
-        infer.lm_head = Scripted()
-        out = M.generate(infer, prompts, tok, "cpu", max_new_tokens=10, temperature=0, hf=hf)
-        assert out == [[100, eos], [100, 100, eos], [100, 100, 100, eos]]
-    # the training item built from a rollout supervises exactly the generated tokens
-    item = M.join_response(prompts[1], out[1])
-    assert (item["labels"] != -100).sum() == 3 and item["labels"][-1] == eos
-    assert torch.equal(item["input_ids"][:len(prompts[1]["input_ids"])], prompts[1]["input_ids"])
-
-
 def test_save_then_from_pretrained_gives_identical_logits(dist1, processor, items, tmp_path, tiny_name):
     from transformers import AutoModelForImageTextToText
     hf = M.load_policy(tiny_name, processor, dist1, seed=2)
@@ -217,3 +101,55 @@ def test_save_then_from_pretrained_gives_identical_logits(dist1, processor, item
         torch.testing.assert_close(loaded(**M.model_inputs(b, "cpu")).logits, ref(**M.model_inputs(b, "cpu")).logits,
                                    atol=0, rtol=0)
     assert os.path.isfile(tmp_path / "run_config.json") and os.path.isfile(tmp_path / "chat_template.jinja")
+
+# -----------------------------------------------------------------------------
+# refused: a wrong model, pickled weights
+
+
+def test_wrong_models_are_refused(tiny_dirs, tmp_path, processor):
+    policy, _ = tiny_dirs
+    # a policy directory that is not Qwen3-VL
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 1000, "hidden_size": 64,
+                                                   "num_hidden_layers": 1, "num_attention_heads": 2}))
+    with pytest.raises(SystemExit, match="must be a dense Qwen3-VL"):
+        M.load_policy(str(llama), processor, torch.device("cpu"))
+    # a model whose vocabulary is smaller than the tokenizer
+    cfg = M.Qwen3VLForConditionalGeneration.config_class.from_pretrained(policy)
+    cfg.text_config.vocab_size = len(processor.tokenizer) - 1
+    with pytest.raises(SystemExit, match="model and processor do not match"):
+        M.check_vocab(cfg, processor, "x")
+
+
+class Boom:
+    """Unpickling this runs os.system: a crafted checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_crafted_pickles_are_refused(tiny_dirs, tmp_path, processor):
+    marker = tmp_path / "pwned"
+    # a policy directory holding a pickled pytorch_model.bin instead of safetensors
+    bad = tmp_path / "policy"
+    shutil.copytree(tiny_dirs[0], bad)
+    os.remove(bad / "model.safetensors")
+    with open(bad / "pytorch_model.bin", "wb") as f:
+        pickle.dump(Boom(marker), f)
+    with pytest.raises(Exception, match="safetensors"):
+        M.load_policy(str(bad), processor, torch.device("cpu"))
+    # a resume checkpoint whose RNG file is a crafted pickle: torch.load(weights_only=True) refuses it
+    rng = tmp_path / "rng_0.pt"
+    with open(rng, "wb") as f:
+        pickle.dump(Boom(marker), f)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(rng, weights_only=True)
+    assert not marker.exists()
+    # and no torch.load in the code base without weights_only=True
+    for name in ("model.py", "engine.py", "sft.py", "warmup.py", "align.py", "rl.py", "eval.py", "data.py", "bench.py"):
+        src = open(os.path.join(ROOT, name)).read()
+        assert src.count("torch.load(") == src.count("weights_only=True"), name

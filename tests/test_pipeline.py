@@ -1,4 +1,5 @@
-"""run.sh QUICK=1 end to end in a temp dir: every stage runs, and the report holds every row with finite numbers.
+"""run.sh QUICK=1 end to end in a temp dir: every stage runs, and the report holds every row with finite numbers and
+its three figures.
 A second run of the same command resumes: every stage is found complete and nothing is recomputed."""
 
 import math
@@ -32,6 +33,10 @@ def check_pipeline(env, run):
     for name, vals in rows.items():
         for v in vals:
             assert re.fullmatch(r"-?\d+\.\d+", v) and math.isfinite(float(v)), (name, vals)
+    # the report's figures exist beside it (matplotlib is a pinned dependency)
+    figs = re.findall(r"!\[[^]]*\]\(([^)]+)\)", open(os.path.join(run, "report.md")).read())
+    assert sorted(figs) == ["align_gap.png", "drift.png", "rl_curves.png"]
+    assert all(os.path.getsize(os.path.join(run, f)) > 10_000 for f in figs)
     # the same command again: all stages are complete, so it only rewrites the report
     mtimes = {d: os.path.getmtime(os.path.join(run, d, "model.safetensors")) for d in ("sft", "align")}
     r2 = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

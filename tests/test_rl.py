@@ -1,11 +1,15 @@
-"""rl.py's losses and advantages against independent, element-by-element implementations of the formulas."""
+"""rl.py: the losses and advantages against independent, element-by-element implementations of the formulas;
+the stage under torchrun (2 processes == 1, kill -9 + resume bitwise, a NaN on one rank, a rank without images), bad input."""
 
 import math
+import os
 
 import pytest
 import torch
 
+import data
 import rl
+from helpers import MIXED, check_two_equal_one_and_resume, metrics, rl_args, run
 
 
 def reference_loss(logp, old, adv, mask, algo, lo, hi, c):
@@ -51,7 +55,11 @@ def random_case(seed, B=6, T=9):
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dapo", "gspo"])
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
+
+
 def test_policy_loss_matches_formula(algo, seed):
     cfg = rl.ALGOS[algo]
     lo, hi, c = cfg["clip_low"], cfg["clip_high"], cfg["clip_c"]
@@ -76,6 +84,8 @@ def test_clip_and_dual_clip_branches_are_hit():
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dapo"])
+
+
 def test_ratio_one_is_reinforce(algo):
     logp, _, adv, mask = random_case(3)
     cfg = rl.ALGOS[algo]
@@ -115,7 +125,53 @@ def test_dynamic_sampling_keeps_only_mixed_groups():
 
 @pytest.mark.parametrize("length,expected", [(0, 0.0), (4096, 0.0), (6144, -0.5), (8191, -(4095 / 4096)), (8192, -1.0),
                                              (4097, -1 / 4096)])
+
+
 def test_overlong_penalty_at_the_buffer_edges(length, expected):
     assert rl.overlong_penalty(length, 8192, 4096, 1.0) == pytest.approx(expected)
     assert rl.overlong_penalty(length, 8192, 4096, 0.5) == pytest.approx(expected * 0.5)
     assert math.isclose(rl.overlong_penalty(length, 8192, 0, 1.0), 0.0)
+
+# -----------------------------------------------------------------------------
+# the stage under torchrun, faults, bad input
+
+
+def test_two_processes_equal_one_and_kill_resume_is_bitwise(world, tiny_dirs, tmp_path):
+    check_two_equal_one_and_resume("rl.py", lambda out: rl_args(world, tiny_dirs[0], out), tmp_path,
+                                   {"policy.model.": 2e-6})
+
+
+def test_rl_nan_on_one_rank_and_a_rank_without_images(world, tiny_dirs, tmp_path):
+    """rl.py on 2 processes: rank 1's prompts have no image (the vision tower still runs in step on both ranks, no hang)
+    and rank 1's gradient is NaN in step 1: the update is skipped on both ranks and counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = pq.read_table(os.path.join(world[0], "rl.parquet")).to_pylist()
+    for pos in (1, 3):  # the stream positions rank 1 draws in steps 1 and 2 (2 prompts per step, one per rank)
+        i = data.stream_indices(len(rows), 0, pos, 1)[0]
+        rows[i]["images"] = []
+        rows[i]["prompt"] = [{"role": "user", "content": "How many circles are there?"}]
+    path = str(tmp_path / "rl.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    out = str(tmp_path / "rl")
+    run("rl.py", *rl_args(world, tiny_dirs[0], out, data=path, steps=2, save_every=0), nproc=2,
+        env={**MIXED, "PATCH_NAN": "1:1"}, timeout=240)
+    recs = [m for m in metrics(out) if "grad_norm" in m]
+    assert [m["skipped"] for m in recs] == [1, 0] and recs[-1]["skipped_steps"] == 1
+
+
+def test_a_world_size_that_does_not_divide_the_prompts_is_refused(world, tiny_dirs, tmp_path):
+    r = run("rl.py", *rl_args(world, tiny_dirs[0], str(tmp_path / "r"), prompts=3), nproc=2, check=False, timeout=120)
+    assert r.returncode != 0 and "--prompts 3 must be divisible by the world size 2" in r.stdout + r.stderr
+
+
+def test_over_long_prompts_are_dropped_and_counted(world, processor, tiny_dirs, tmp_path):
+    prompts, _ = data.read_examples(os.path.join(world[0], "rl.parquet"), "prompt")
+    lengths = [len(data.render_chat(processor, ex)["input_ids"]) for ex in prompts]
+    limit = sorted(lengths)[len(lengths) // 2]
+    kept, n = data.drop_long_prompts(processor, prompts, limit)
+    assert n == sum(x > limit for x in lengths) > 0 and kept == [ex for ex, x in zip(prompts, lengths) if x <= limit]
+    # a limit no prompt fits: rl.py stops at start-up and says so
+    r = run("rl.py", *rl_args(world, tiny_dirs[0], str(tmp_path / "r"), max_prompt_len=min(lengths) - 1), check=False,
+            timeout=120)
+    assert r.returncode != 0 and "every prompt is longer than --max-prompt-len" in r.stdout + r.stderr

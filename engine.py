@@ -1,0 +1,198 @@
+"""
+Rollouts: the generation engine shared by align.py, rl.py and eval.py (nanochat's engine.py in spirit).
+
+The training model is sharded; generation runs on a plain inference copy (make_inference_copy) refreshed once per rollout
+phase (sync_weights). `generate` batches prompt encodings and decodes them with `decode`: one prefill, then a loop over a
+static KV cache whose step is compiled and replayed as a CUDA graph on a GPU, with a GQA attention that reads each K/V head
+once and sampling on the device. `generate(..., hf=True)` uses Hugging Face generate() instead: the readable reference, with
+the same greedy tokens in fp32 (tested).
+"""
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+import data
+from model import model_inputs
+
+
+@torch.no_grad()
+def sync_weights(src, dst):
+    """Copy a (sharded) training model's weights into the plain inference copy: one all-gather per tensor per rollout phase,
+    never per decode step."""
+    dst_params = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        dst_params[name.removeprefix("hf.")].copy_(full)
+
+
+def make_inference_copy(hf, device):
+    """A plain (unsharded) copy of the policy for generation: bf16 on GPU, fp32 on CPU, eval mode, cache on."""
+    import copy
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    infer = copy.deepcopy(hf).to(device=device, dtype=dtype).eval()
+    infer.config.use_cache = True
+    infer.requires_grad_(False)
+    return infer
+
+
+def sample(logits, temperature, top_p, banned):
+    """Next tokens from logits (B, V) on the device, no host sync: greedy at temperature 0, else nucleus sampling at
+    `temperature` by the Gumbel-max trick over the kept tokens. banned: (V,) bool, never sampled."""
+    logits = logits.float().masked_fill(banned, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
+        srt, idx = logits.sort(-1, descending=True)
+        drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+
+
+def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+    """Attention of one new token per row that reads each K/V head once: the g = H / Hkv query heads sharing a K/V head
+    are g query rows of one attention over it (Hugging Face's SDPA path with a mask first copies K and V g times, which
+    made the decode step memory-bound on the copies). query (B, H, 1, D), key/value (B, Hkv, n, D), attention_mask
+    (B, 1, 1, n) bool or None; returns (B, 1, H, D). The prefill (longer queries) takes the SDPA path."""
+    B, H, q, D = query.shape
+    if q > 1 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+    out = F.scaled_dot_product_attention(query.view(B, key.shape[1], H // key.shape[1], D), key, value,
+                                         attn_mask=attention_mask, scale=scaling)  # (B, Hkv, g, D); query head = kv head * g + i
+    return out.reshape(B, 1, H, D), None
+
+
+AttentionInterface.register("gqa_decode", gqa_decode_attention)
+AttentionMaskInterface.register("gqa_decode", sdpa_mask)
+
+
+def decode_step(lm, head, tok, slot, delta, mask, cache, temperature, top_p, ban):
+    """One decode step of the language model: tok (B,) written at cache slot `slot` (1,), delta (B, 1) the rows' position
+    offsets -> the next tokens (B,). On a GPU it runs compiled and replayed as a CUDA graph (decode below)."""
+    pos = (slot + delta).view(1, -1, 1).expand(4, -1, 1)  # text row + the three M-RoPE rows, (4, B, 1)
+    h = lm(inputs_embeds=lm.embed_tokens(tok[:, None]), position_ids=pos, attention_mask=mask, past_key_values=cache,
+           cache_position=slot, use_cache=True).last_hidden_state[:, -1]
+    return sample(head(h), temperature, top_p, ban)
+
+
+def cuda_graph(fn):
+    """fn() captured as a CUDA graph: replaying it launches a decode step's hundreds of kernels at once. fn's inputs must
+    keep their addresses and it must not sync with the host. Returns a function that replays it and returns its output
+    (the same tensor every time). The warm-up call, on a side stream as capture requires, compiles and autotunes."""
+    global _side_stream
+    _side_stream = _side_stream or torch.cuda.Stream()  # one for the process: each stream gets its own cuBLAS workspace
+    _side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(_side_stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(_side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=_side_stream):
+        out = fn()
+    return lambda: (graph.replay(), out)[1]
+
+
+_side_stream = _compiled_step = None
+
+
+def kv_cache_bytes(text_cfg, batch, slots, dtype):
+    """Bytes of a static KV cache: K and V per layer, (batch, KV heads, slots, head dim) each (4B: 147 kB per slot and row)."""
+    return 2 * text_cfg.num_hidden_layers * batch * text_cfg.num_key_value_heads * slots * text_cfg.head_dim * dtype.itemsize
+
+
+@torch.no_grad()
+def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1.0, top_p=1.0, check_every=16):
+    """The fast rollout path: one prefill, then a decode loop over a static KV cache (on a GPU the step is compiled and
+    replayed as a CUDA graph; attention reads each K/V head once, gqa_decode_attention); sampling stays on the device
+    and the host looks at the `done` flags only every `check_every` steps (early exit once every sequence has ended).
+    The cache and the graph live for this call alone: between rollout phases their memory (16 rows x 8.4k slots of the 4B
+    are 20 GB) goes back to training. Greedy output equals generate()'s (tested).
+    batch: collate(left=True) output. Returns the new tokens (B, n <= max_new_tokens), `pad` after each sequence's eos."""
+    global _compiled_step
+    B, L = batch["input_ids"].shape
+    cuda = torch.device(device).type == "cuda"
+    n = -(-(L + max_new_tokens) // 256) * 256 if cuda else L + max_new_tokens  # cache slots; rounded: few compiled shapes
+    text_cfg = infer.config.text_config
+    if cuda:  # a cache that cannot fit stops here with the flags to change, not as an out-of-memory error in the prefill
+        need = kv_cache_bytes(text_cfg, B, n, infer.dtype)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if need > free:
+            raise SystemExit(f"rollout: the KV cache of {B} sequences x {n} slots needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB "
+                             "is free: lower --gen-batch (sequences per generation call) or --max-new-tokens")
+    inputs = model_inputs(batch, device)
+    cache = StaticCache(config=infer.config, max_cache_len=n)
+    am = inputs["attention_mask"]
+    mask = torch.cat([am, am.new_ones(B, n - L)], 1)  # (B, n): padding masked, causality does the rest
+    ban = torch.zeros(text_cfg.vocab_size, dtype=torch.bool, device=device)
+    ban[banned] = True
+    # the step's inputs, updated in place (a CUDA graph replays on fixed addresses)
+    tok = torch.zeros(B, dtype=torch.long, device=device)
+    slot = torch.full((1,), L, dtype=torch.long, device=device)  # advanced on the device: no host copy per step
+    delta = torch.zeros(B, 1, dtype=torch.long, device=device)
+    attn, text_cfg._attn_implementation = text_cfg._attn_implementation, "gqa_decode"  # this call only (not generate())
+    try:
+        trunk_ = infer.model
+        if cuda and _compiled_step is None:
+            torch._dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length): a few per stage
+            _compiled_step = torch.compile(decode_step, dynamic=False)
+        step = partial(_compiled_step if cuda else decode_step, trunk_.language_model, infer.lm_head, tok, slot, delta,
+                       mask, cache, temperature, top_p, ban)
+        if cuda:  # capture before the prefill: the warm-up writes a step into the cache, which reset() then clears
+            cache.early_initialization(B, text_cfg.num_key_value_heads, text_cfg.head_dim, infer.dtype, device)
+            step = cuda_graph(step)
+            cache.reset()
+        n_real = am.sum(1, keepdim=True)  # (B, 1) tokens that are not left padding
+        if "pixel_values" in inputs:  # prefill; the model computes the M-RoPE positions and their deltas from the images
+            h = trunk_(**inputs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            rope_delta = trunk_.rope_deltas.view(B, 1)
+        else:  # text only: positions count the real tokens, as generate() does
+            pos = (am.cumsum(-1) - 1).clamp(min=0).view(1, B, L).expand(3, B, L)
+            h = trunk_(**inputs, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            rope_delta = 0
+        # a generated token's position, on all three M-RoPE axes: its index among the row's real tokens + the prompt's
+        # delta (the vision tokens' positions compress), i.e. its cache slot - the row's left padding + the delta
+        delta.copy_(rope_delta - (L - n_real))
+        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        tok.copy_(sample(infer.lm_head(h), temperature, top_p, ban))
+        for t in range(max_new_tokens):
+            out[:, t] = torch.where(done, pad, tok)
+            done |= tok == eos
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+                return out[:, :t + 1]
+            tok.copy_(step())
+            slot += 1
+        return out
+    finally:
+        text_cfg._attn_implementation = attn
+
+
+@torch.no_grad()
+def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64, hf=False):
+    """Sample one response per prompt encoding (repeat a prompt n times for n samples). Greedy when temperature == 0.
+    Stops at the end-of-turn token. Returns a list of token-id lists, each ending with <|im_end|> unless cut at max_new_tokens.
+    Runs on the plain inference copy: no collectives, so ranks that finish early never hang the others.
+    The decode loop above (compiled on a GPU), or with hf=True (the stages' --hf-generate) Hugging Face generate() with the
+    dynamic KV cache, the readable reference. Greedy tokens are equal in fp32 (tested on CPU; on an H100, 64 prompts x 256
+    tokens, all equal); in bf16 kernels of different shapes round differently, so near-ties can flip."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    # special tokens other than the end of turn are never sampled: a stray <|image_pad|> in a response would break the
+    # image-token count of every later forward over it
+    banned = sorted(i for i, t in tokenizer.added_tokens_decoder.items() if t.special and i != eos)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = data.collate(prompts[i:i + batch_size], pad, left=True)
+        if not hf:
+            new = decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature, top_p)
+        else:
+            kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+            new = infer.generate(**model_inputs(batch, device), max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=pad, top_k=None, suppress_tokens=banned, **kw)[:, batch["input_ids"].shape[1]:]
+        for row in new.tolist():
+            out.append(row[:row.index(eos) + 1] if eos in row else row)
+    return out

@@ -1,0 +1,117 @@
+"""engine.py: the decode loop against Hugging Face generate(), sampling, the GQA decode attention, the KV-cache check."""
+
+import os
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import data
+import engine
+import model as M
+
+
+def test_greedy_generation_is_deterministic_and_the_static_path_equals_hf(world, processor, tiny_name):
+    hf = M.load_policy(tiny_name, processor, torch.device("cpu"), seed=1)
+    assert (hf.lm_head.weight is hf.model.language_model.embed_tokens.weight) == (tiny_name == "tiny")
+    infer = engine.make_inference_copy(hf, torch.device("cpu"))
+    exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
+    text_only = data.Example(question="How many shapes are there? Answer with a number.", images=[], where="t")
+    prompts = [data.render_chat(processor, ex) for ex in exs[:3]] + [data.render_chat(processor, text_only)]
+    assert len({len(p["input_ids"]) for p in prompts}) > 1  # left padding in the batch
+    a = engine.generate(infer, prompts, processor.tokenizer, "cpu", max_new_tokens=12, temperature=0, hf=True)
+    b = engine.generate(infer, prompts, processor.tokenizer, "cpu", max_new_tokens=12, temperature=0, batch_size=1, hf=True)
+    assert a == b  # batching and left padding do not change greedy tokens
+    assert all(len(r) == 12 for r in a)  # a random model does not stop early
+    # the static-cache decode loop: the same greedy tokens (M-RoPE positions of images, padding, a text-only row)
+    for bs in (4, 1):
+        assert engine.generate(infer, prompts, processor.tokenizer, "cpu", 12, temperature=0, batch_size=bs) == a
+    # ... and a text-only batch after an image batch (no stale rope deltas)
+    assert engine.generate(infer, prompts[3:], processor.tokenizer, "cpu", 12, temperature=0) == a[3:]
+
+
+def test_static_sampling_respects_top_p_and_banned_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(4000, 6)
+    banned = torch.tensor([False, False, True, False, False, False])
+    draws = engine.sample(logits, 1.0, 1.0, banned)
+    assert not (draws == 2).any()
+    # frequencies follow softmax(logits) over the allowed tokens (the Gumbel-max trick), row by row in expectation
+    p = logits.masked_fill(banned, float("-inf")).softmax(-1).mean(0)
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
+    # top_p keeps the smallest head reaching p: with p tiny, only the argmax survives
+    assert engine.sample(logits, 1.0, 1e-6, banned).equal(engine.sample(logits, 0, 1.0, banned))
+
+
+def test_gqa_decode_attention_equals_sdpa_with_repeated_heads():
+    # one query token per row, 8 query heads over 2 K/V heads, left padding and unwritten cache slots masked
+    torch.manual_seed(0)
+    B, H, Hkv, n, D = 3, 8, 2, 10, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
+    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    mask[0, ..., :3] = False  # row 0: three slots of left padding
+    mask[:, ..., 7:] = False  # slots not written yet
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = H // Hkv, True, False
+    out, _ = engine.gqa_decode_attention(module, q, k, v, mask, scaling=0.25)
+    ref = torch.softmax((q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf")), -1) \
+        @ v.repeat_interleave(H // Hkv, 1)  # (B, H, 1, D): query head h reads K/V head h // (H / Hkv)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_bytes_is_the_static_cache_allocation(processor):
+    """The memory check before a GPU rollout counts what StaticCache allocates (tiny and the 4B's 147 kB per slot)."""
+    for name, dtype in (("tiny", torch.float32), ("4b", torch.bfloat16)):
+        cfg = M.build_config(name, processor.tokenizer)
+        tc = cfg.text_config
+        cache = StaticCache(config=cfg, max_cache_len=7)
+        with torch.device("meta"):  # shapes only: no memory for the 4B
+            cache.early_initialization(3, tc.num_key_value_heads, tc.head_dim, dtype, torch.device("meta"))
+        real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        assert engine.kv_cache_bytes(tc, 3, 7, dtype) == real
+    assert engine.kv_cache_bytes(M.build_config("4b", processor.tokenizer).text_config, 1, 1, torch.bfloat16) == 147456
+
+
+def test_a_rollout_whose_kv_cache_cannot_fit_stops_with_the_flags_to_change(monkeypatch, processor):
+    """On a GPU decode() compares the cache with the free memory before allocating anything (faked here: 0.1 GB free)."""
+    cfg = M.build_config("tiny", processor.tokenizer)
+    infer = type("Infer", (), {"config": cfg, "dtype": torch.bfloat16})()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (10**8, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 0)
+    batch = {"input_ids": torch.zeros(64, 2000, dtype=torch.long)}
+    need = engine.kv_cache_bytes(cfg.text_config, 64, 10240, torch.bfloat16)  # 2,000 + 8,192 slots rounded up to 256
+    with pytest.raises(SystemExit, match=f"64 sequences x 10240 slots needs {need / 1e9:.1f} GB, 0.1 GB is free: lower --gen-batch"):
+        engine.decode(infer, batch, torch.device("cuda"), 8192, 0, 0, [])
+
+
+def test_generation_stops_at_end_of_turn(world, processor):
+    """A scripted output layer: row i emits token 100 for i + 1 steps, then <|im_end|>; generation must cut there."""
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    hf = M.load_policy("tiny", processor, torch.device("cpu"))
+    infer = engine.make_inference_copy(hf, torch.device("cpu"))
+
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, h):  # (B, T, H) from generate(), (B, H) from the static loop
+            logits = torch.zeros(*h.shape[:-1], len(tok))
+            for i in range(h.shape[0]):
+                logits[i, ..., eos if self.calls > i else 100] = 10.0
+            self.calls += 1
+            return logits
+
+    exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
+    prompts = [data.render_chat(processor, ex) for ex in exs[:3]]
+    for hf in (True, False):
+        infer.lm_head = Scripted()
+        out = engine.generate(infer, prompts, tok, "cpu", max_new_tokens=10, temperature=0, hf=hf)
+        assert out == [[100, eos], [100, 100, eos], [100, 100, 100, eos]]
+    # the training item built from a rollout supervises exactly the generated tokens
+    item = data.join_response(prompts[1], out[1])
+    assert (item["labels"] != -100).sum() == 3 and item["labels"][-1] == eos
+    assert torch.equal(item["input_ids"][:len(prompts[1]["input_ids"])], prompts[1]["input_ids"])
