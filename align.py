@@ -55,24 +55,25 @@ def alignment_advantages(cap, cot, valid, group_size, alpha=0.5, format_penalty=
     return adv.view(-1).float()
 
 
-def discriminator_loss(teacher_cap, student_cap, teacher_cot, student_cot, valid, score_reg=1e-3, denom=None):
-    """Bradley-Terry per channel, teacher over student, averaged over the valid pairs, + score_reg * mean(s^2) over the four
-    score sets. All inputs (B,); teacher_* hold the prompt's teacher score repeated on each of its rollouts' rows.
-    denom: the number of valid pairs to average over (the global count under data parallelism; default: the local count).
-    With no valid pair at all: the fallback 0.01 * (-log sig(mean teacher cap) - log sig(mean teacher cot)).
-    Returns (loss, metrics)."""
+def discriminator_loss(teacher_cap, student_cap, teacher_cot, student_cot, valid, score_reg=1e-3, clip=10.0):
+    """The discriminator's loss on one batch, as the release's dp_critic.py computes it. All inputs (B,), one row per rollout;
+    teacher_* hold the prompt's teacher score repeated on each of its rollouts' rows; student scores of invalid rows are
+    ignored (an invalid response has no segments to score). Every score is clamped to +-clip first (a hard clamp: no
+    gradient beyond it).
+        L = mean over valid rows of [-log sig(T_cap - S_cap) - log sig(T_cot - S_cot)]
+            + score_reg * (mean_rows T_cap^2 + mean_valid S_cap^2 + mean_rows T_cot^2 + mean_valid S_cot^2) / 4
+    With no valid row: the fallback 0.01 * (-log sig(mean T_cap) - log sig(mean T_cot)) + the regulariser's teacher terms.
+    Returns (loss, metrics). discriminator_step computes the same loss over the whole (multi-rank) batch in pieces."""
     v = valid.bool()
-    if denom is None:
-        denom = float(v.sum())
-    if denom == 0:
-        loss = 0.01 * (-F.logsigmoid(teacher_cap.mean()) - F.logsigmoid(teacher_cot.mean()))
+    tc, sc, tt, st = (x.clamp(-clip, clip) if clip else x for x in (teacher_cap, student_cap, teacher_cot, student_cot))
+    reg = (tc ** 2).mean() + (tt ** 2).mean()  # the teacher terms: every row
+    if not v.any():
+        loss = 0.01 * (-F.logsigmoid(tc.mean()) - F.logsigmoid(tt.mean())) + score_reg * reg / 4
         return loss, {"pairs": 0, "cap_acc": float("nan"), "cot_acc": float("nan")}
-    tc, sc, tt, st = teacher_cap[v], student_cap[v], teacher_cot[v], student_cot[v]
-    bt = -F.logsigmoid(tc - sc) - F.logsigmoid(tt - st)  # (n,)
-    reg = (tc ** 2 + sc ** 2 + tt ** 2 + st ** 2) / 4  # mean over the four score sets, per pair
-    loss = (bt.sum() + score_reg * reg.sum()) / denom
-    return loss, {"pairs": int(v.sum()), "cap_acc": float((tc > sc).float().mean()) if len(tc) else float("nan"),
-                  "cot_acc": float((tt > st).float().mean()) if len(tt) else float("nan")}
+    bt = -F.logsigmoid(tc[v] - sc[v]) - F.logsigmoid(tt[v] - st[v])  # (n,)
+    reg = reg + (sc[v] ** 2).mean() + (st[v] ** 2).mean()
+    return bt.mean() + score_reg * reg / 4, {"pairs": int(v.sum()), "cap_acc": float((tc[v] > sc[v]).float().mean()),
+                                             "cot_acc": float((tt[v] > st[v]).float().mean())}
 
 
 # -----------------------------------------------------------------------------
@@ -190,20 +191,25 @@ class Rollout(NamedTuple):
     length: int  # prompt + response tokens (micro-batching by length)
 
 
-def discriminator_step(disc, opt, framing, prompts, rollouts, mode, device, *, score_reg, grad_clip, micro_tokens):
-    """One optimizer step of the discriminator: each prompt's teacher demonstration against each of its valid rollouts
-    (discriminator_loss, the mean over the valid pairs of ALL ranks: the gradient contract of model.shard).
-    The teacher's segments are scored once per prompt, with grad; the loss is a sum over pairs, so each student
-    micro-batch backpropagates its own terms against a detached copy of the teacher scores, whose accumulated gradient then
-    flows through the teacher forward in one backward at the end. Returns the step's metrics."""
+def discriminator_step(disc, opt, framing, prompts, rollouts, mode, device, *, score_reg, score_clip, grad_clip, micro_tokens):
+    """One optimizer step of the discriminator: discriminator_loss over the step's whole batch (every rank's rollouts; each
+    prompt's teacher demonstration against each of its valid rollouts), divided by the GLOBAL pair and row counts (the
+    gradient contract of model.shard). The batch does not fit one forward, so the loss is taken in pieces that sum to it:
+    the teacher's segments are scored once per prompt, with grad; each student micro-batch backpropagates its own terms
+    (Bradley-Terry against a detached copy of the teacher scores, and its scores' regulariser); the teacher copy's
+    accumulated gradient, plus the teacher's regulariser over every row, then flows through the teacher forward in one
+    backward at the end. In "whole" mode the one channel stands for both (the loss's cap = cot). Returns the metrics."""
     channels, nch = CHANNELS[mode], len(CHANNELS[mode])
+    w = 2 / nch  # the regulariser averages four score sets (teacher/student x two channels); one channel counts twice
     disc.train()
     valid = [r for r in rollouts if r.segments is not None]
-    n_pairs = M.all_sum(len(valid), device)
+    n_pairs, n_rows = M.all_sum([len(valid), len(rollouts)], device)
     pad = Seq(prompts[0], teacher_segments(prompts[0], mode)[0], "whole")
     t_seqs = [Seq(ex, s, c) for ex in prompts for s, c in zip(teacher_segments(ex, mode), channels)]
-    t_sc, _, t_tie = score_segments(disc, framing, t_seqs, device, pad, grad=True)
+    t_sc, _, t_tie = score_segments(disc, framing, t_seqs, device, pad, clip=score_clip, grad=True)
     t_sc = t_sc.view(-1, nch)  # (prompts here, channels)
+    t_rows = t_sc[[r.prompt for r in rollouts]]  # (rollouts here, channels): the teacher score of every row
+    reg_t = score_reg / 4 * w * (t_rows ** 2).sum() / n_rows
     if n_pairs > 0:
         t_leaf = t_sc.detach().requires_grad_(True)
         # pairs in micro-batches of at most --disc-micro sequences and --micro-tokens padded tokens, sorted by length
@@ -214,29 +220,23 @@ def discriminator_step(disc, opt, framing, prompts, rollouts, mode, device, *, s
         for k in range(n_chunks):  # the same count on every rank; a rank out of pairs scores `pad` only
             rows = chunks[k] if k < len(chunks) else []
             s_sc, _, tie = score_segments(disc, framing, [Seq(prompts[r.prompt], s, c) for r in rows
-                                                          for s, c in zip(r.segments, channels)], device, pad, grad=True)
+                                                          for s, c in zip(r.segments, channels)], device, pad,
+                                          clip=score_clip, grad=True)
             s_sc = s_sc.view(-1, nch)  # (pairs, channels)
-            t_rows = t_leaf[[r.prompt for r in rows]]  # (pairs, channels): each pair's teacher score
-            v = torch.ones(len(rows), dtype=torch.bool, device=device)
-            if not rows:
-                loss = torch.zeros((), device=device)
-            elif mode == "split":
-                loss, _ = discriminator_loss(t_rows[:, 0], s_sc[:, 0], t_rows[:, 1], s_sc[:, 1], v, score_reg, denom=n_pairs)
-            else:  # one channel: pass it twice with twice the regulariser and halve -> one BT term, mean(s^2)
-                loss = discriminator_loss(t_rows[:, 0], s_sc[:, 0], t_rows[:, 0], s_sc[:, 0], v, 2 * score_reg,
-                                          denom=n_pairs)[0] / 2
+            t_pair = t_leaf[[r.prompt for r in rows]]  # (pairs, channels): each pair's teacher score
+            loss = (-F.logsigmoid(t_pair - s_sc).sum() + score_reg / 4 * w * (s_sc ** 2).sum()) / n_pairs
             (loss + tie).backward()
             d_loss += loss.item()
-            wins += (t_rows > s_sc).float().sum(0).detach().cpu()
+            wins += (t_pair > s_sc).float().sum(0).detach().cpu()
         grad_t = t_leaf.grad if t_leaf.grad is not None else torch.zeros_like(t_sc)
-        ((t_sc * grad_t).sum() + t_tie).backward()  # the teacher side of every pair, in one backward
-        tot = M.all_sum([d_loss, *wins.tolist()], device)
+        ((t_sc * grad_t).sum() + reg_t + t_tie).backward()  # the teacher side of every pair, and its regulariser
+        tot = M.all_sum([d_loss + reg_t.item(), *wins.tolist()], device)
         m = {"d_loss": tot[0], "cap_acc": tot[1] / n_pairs, "cot_acc": tot[-1] / n_pairs}
-    else:  # no valid rollout on any rank: the fallback loss on the teacher scores (mean over ranks)
-        loss, _ = discriminator_loss(t_sc[:, 0], t_sc[:, 0], t_sc[:, -1], t_sc[:, -1],
-                                     torch.zeros(len(prompts), dtype=torch.bool), score_reg, denom=0)
-        (loss / dist.get_world_size() + t_tie).backward()
-        m = {"d_loss": M.all_sum(loss.item(), device) / dist.get_world_size(), "cap_acc": float("nan"), "cot_acc": float("nan")}
+    else:  # no valid rollout on any rank: the fallback on this rank's teacher scores (mean over ranks) + the regulariser
+        world = dist.get_world_size()
+        loss = 0.01 * (-F.logsigmoid(t_rows[:, 0].mean()) - F.logsigmoid(t_rows[:, -1].mean())) / world + reg_t
+        (loss + t_tie).backward()
+        m = {"d_loss": M.all_sum(loss.item(), device), "cap_acc": float("nan"), "cot_acc": float("nan")}
     m["disc_grad_norm"] = M.clip_grad(disc, grad_clip)  # global: every rank takes or skips the step together
     m["skipped"] = not (math.isfinite(m["disc_grad_norm"]) and math.isfinite(m["d_loss"]))
     if m["skipped"]:
@@ -275,8 +275,10 @@ if __name__ == "__main__":
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, both models")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the perception channel in the advantage")
     p.add_argument("--format-penalty", type=float, default=1.5, help="advantage penalty of a format-invalid response")
-    p.add_argument("--score-clip", type=float, default=10.0, help="scores for the advantage are clipped to +-this")
-    p.add_argument("--score-reg", type=float, default=1e-3, help="discriminator score regulariser weight (mean s^2)")
+    p.add_argument("--score-clip", type=float, default=10.0, help="scores are clipped to +-this, for the advantage and in "
+                   "the discriminator's loss (as the release's dp_critic.py)")
+    p.add_argument("--score-reg", type=float, default=1e-3, help="discriminator score regulariser weight (mean s^2 over the "
+                   "four score sets: teacher scores on every row, student scores on the valid rows)")
     p.add_argument("--disc-updates-per-step", type=int, default=1, help="discriminator optimizer steps per game step")
     p.add_argument("--disc-warmup-steps", type=int, default=0, help="game steps that update only the discriminator")
     # the policy update
@@ -396,7 +398,7 @@ if __name__ == "__main__":
               "skipped": False}
         for _ in range(args.disc_updates_per_step):
             dm = discriminator_step(disc, opt_d, framing, mine, rollouts, mode, device, score_reg=args.score_reg,
-                                    grad_clip=args.grad_clip, micro_tokens=args.micro_tokens)
+                                    score_clip=args.score_clip, grad_clip=args.grad_clip, micro_tokens=args.micro_tokens)
         t_disc = time.time() - t2
 
         # ---- policy update: PPO clipped loss with the alignment advantages (REINFORCE when on-policy) -------------

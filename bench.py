@@ -116,9 +116,11 @@ if args.what in ("align", "rl"):
         right answer (RL: each group gets nonzero advantages); the rollout phase's own peak memory is recorded."""
         torch.cuda.reset_peak_memory_stats() if cuda else None
         outs = real_generate(*a, **k)
+        outs = outs[0] if k.get("logprobs") else outs
         gen_peak.append(torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0)
         torch.cuda.reset_peak_memory_stats() if cuda else None  # the stage's mem_gb: the updates' peak from here on
-        return [valid_response(len(o), "12"[i % 2]) for i, o in enumerate(outs)]
+        new = [valid_response(len(o), "12"[i % 2]) for i, o in enumerate(outs)]
+        return (new, [[-1.0] * len(o) for o in new]) if k.get("logprobs") else new
     engine.generate = generate_valid
     M.save_checkpoint = M.save_hf = lambda *a, **k: None  # a benchmark writes no weights
     sys.argv = [f"{args.what}.py", "--policy", args.config, "--processor", args.processor, "--data",

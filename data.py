@@ -7,7 +7,7 @@ visual-reasoning world (images, questions, supervision, tokenizer, processor) th
 
 Formats read (PRISM_NOTES.md "Data formats"): sharegpt multimodal JSON/JSONL (`messages` role/content or `conversations`
 from/value, `<image>` markers, `images` paths); parquet (or JSONL) with `prompt`, `images`, `reward_model.ground_truth`,
-`extra_info.equivalent_answers`, `teacher_caption`, `teacher_cot`; warm-up pairs JSONL. Image paths may be absolute or relative
+`reward_model.equivalent_answers` / `extra_info.equivalent_answers`, `teacher_caption`, `teacher_cot`; warm-up pairs JSONL. Image paths may be absolute or relative
 to the data file. Every bad record raises DataError naming the file and record, or is skipped and counted with skip_bad.
 """
 
@@ -161,7 +161,8 @@ def stream_indices(n, seed, start, count):
 def collate(items, pad_id, left=False):
     """Pad a list of render_chat dicts into a batch (on the right; on the left for generation prompts): input_ids,
     attention_mask, labels, mm_token_type_ids (B, T); pixel_values (sum P, D) and image_grid_thw (n_images, 3) concatenated
-    in batch order (absent when no item has images)."""
+    in batch order (absent when no item has images); rollout_logprobs (B, T) at the supervised positions when every item
+    has them (join_response)."""
     B, T = len(items), max(len(it["input_ids"]) for it in items)
     batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long), "attention_mask": torch.zeros(B, T, dtype=torch.long),
              "labels": torch.full((B, T), -100, dtype=torch.long), "mm_token_type_ids": torch.zeros(B, T, dtype=torch.long)}
@@ -172,6 +173,9 @@ def collate(items, pad_id, left=False):
         batch["attention_mask"][i, s] = 1
         batch["labels"][i, s] = it["labels"]
         batch["mm_token_type_ids"][i, s] = it["mm_token_type_ids"]
+    if all("rollout_logprobs" in it for it in items):
+        batch["rollout_logprobs"] = torch.zeros(B, T)
+        batch["rollout_logprobs"][batch["labels"] != -100] = torch.cat([it["rollout_logprobs"] for it in items])
     with_img = [it for it in items if "pixel_values" in it]
     if with_img:
         batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_img])
@@ -179,13 +183,16 @@ def collate(items, pad_id, left=False):
     return batch
 
 
-def join_response(prompt, response_ids):
-    """A training item: prompt encoding + generated tokens, labels on the generated tokens only."""
+def join_response(prompt, response_ids, logprobs=None):
+    """A training item: prompt encoding + generated tokens, labels on the generated tokens only; with the rollout's
+    log-probs of those tokens (engine.generate(logprobs=True)) as "rollout_logprobs" (n,)."""
     r = torch.tensor(response_ids, dtype=torch.long)
     item = {"input_ids": torch.cat([prompt["input_ids"], r]), "labels": torch.cat([torch.full_like(prompt["input_ids"], -100), r]),
             "mm_token_type_ids": torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(r)])}
     if "pixel_values" in prompt:
         item["pixel_values"], item["image_grid_thw"] = prompt["pixel_values"], prompt["image_grid_thw"]
+    if logprobs is not None:
+        item["rollout_logprobs"] = torch.tensor(logprobs, dtype=torch.float32)
     return item
 
 
@@ -279,9 +286,15 @@ def parse_prompt(rec, base, where):
     if not isinstance(answer, str):
         raise DataError(f"{where}: 'reward_model.ground_truth' must be a string, got {type(answer).__name__}")
     extra = rec.get("extra_info") or {}
-    eq = extra.get("equivalent_answers") or () if isinstance(extra, dict) else ()
-    if not isinstance(eq, (list, tuple)) or not all(isinstance(e, str) for e in eq):
-        raise DataError(f"{where}: 'extra_info.equivalent_answers' must be a list of strings")
+    eq = []  # more correct answers: the release's reward managers read reward_model.equivalent_answers; extra_info's too
+    for col, holder in (("reward_model", rm), ("extra_info", extra)):
+        e = holder.get("equivalent_answers") if isinstance(holder, dict) else None
+        if e is None:
+            continue
+        if not isinstance(e, (list, tuple)) or not all(isinstance(x, str) for x in e):
+            raise DataError(f"{where}: '{col}.equivalent_answers' must be a list of strings")
+        if "__EMPTY__" not in e:  # the release's placeholder for "none": a list holding it is discarded whole
+            eq += [x for x in e if x not in eq]
     images = rec.get("images") or []
     if not isinstance(images, list):
         raise DataError(f"{where}: 'images' must be a list")
@@ -539,9 +552,9 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
                     image_col = [{"bytes": png_bytes(img), "path": rel}]
                 rows.append({"data_source": "shapes", "prompt": [{"role": "system", "content": SYSTEM_PROMPT},
                                                                  {"role": "user", "content": user}],
-                             "images": image_col, "reward_model": {"style": "rule", "ground_truth": ans},
-                             "extra_info": {"index": i, "answer": ans, "question": q, "n_objects": len(objs),
-                                            "equivalent_answers": eq},
+                             "images": image_col, "reward_model": {"style": "rule", "ground_truth": ans,
+                                                                   "equivalent_answers": eq or ["__EMPTY__"]},
+                             "extra_info": {"index": i, "answer": ans, "question": q, "n_objects": len(objs)},
                              "teacher_caption": cap, "teacher_cot": f"{cot}\n<answer>{ans}</answer>"})
             texts.append(q)
             bar.update()

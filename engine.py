@@ -42,16 +42,20 @@ def make_inference_copy(hf, device):
 
 def sample(logits, temperature, top_p, banned):
     """Next tokens from logits (B, V) on the device, no host sync: greedy at temperature 0, else nucleus sampling at
-    `temperature` by the Gumbel-max trick over the kept tokens. banned: (V,) bool, never sampled."""
+    `temperature` by the Gumbel-max trick over the kept tokens. banned: (V,) bool, never sampled.
+    Returns (tokens (B,), their log-probs (B,) under the distribution they were drawn from: softmax(logits / T) over the
+    kept tokens; at temperature 0 under softmax(logits))."""
     logits = logits.float().masked_fill(banned, float("-inf"))
     if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
-        srt, idx = logits.sort(-1, descending=True)
-        drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+        tok = logits.argmax(-1)
+    else:
+        logits = logits / temperature
+        if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
+            srt, idx = logits.sort(-1, descending=True)
+            drop = srt.softmax(-1).cumsum(-1) - srt.softmax(-1) >= top_p
+            logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+        tok = (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+    return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
 
 
 def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
@@ -73,7 +77,7 @@ AttentionMaskInterface.register("gqa_decode", sdpa_mask)
 
 def decode_step(lm, head, tok, slot, delta, mask, cache, temperature, top_p, ban):
     """One decode step of the language model: tok (B,) written at cache slot `slot` (1,), delta (B, 1) the rows' position
-    offsets -> the next tokens (B,). On a GPU it runs compiled and replayed as a CUDA graph (decode below)."""
+    offsets -> (the next tokens (B,), their log-probs (B,)). On a GPU it runs compiled and replayed as a CUDA graph."""
     pos = (slot + delta).view(1, -1, 1).expand(4, -1, 1)  # text row + the three M-RoPE rows, (4, B, 1)
     h = lm(inputs_embeds=lm.embed_tokens(tok[:, None]), position_ids=pos, attention_mask=mask, past_key_values=cache,
            cache_position=slot, use_cache=True).last_hidden_state[:, -1]
@@ -111,7 +115,8 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
     and the host looks at the `done` flags only every `check_every` steps (early exit once every sequence has ended).
     The cache and the graph live for this call alone: between rollout phases their memory (16 rows x 8.4k slots of the 4B
     are 20 GB) goes back to training. Greedy output equals generate()'s (tested).
-    batch: collate(left=True) output. Returns the new tokens (B, n <= max_new_tokens), `pad` after each sequence's eos."""
+    batch: collate(left=True) output. Returns the new tokens (B, n <= max_new_tokens), `pad` after each sequence's eos, and
+    their log-probs under the sampling distribution (B, n), 0 after eos."""
     global _compiled_step
     B, L = batch["input_ids"].shape
     cuda = torch.device(device).type == "cuda"
@@ -157,24 +162,29 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
         # delta (the vision tokens' positions compress), i.e. its cache slot - the row's left padding + the delta
         delta.copy_(rope_delta - (L - n_real))
         out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+        out_lp = torch.zeros(B, max_new_tokens, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        tok.copy_(sample(infer.lm_head(h), temperature, top_p, ban))
+        nxt, lp = sample(infer.lm_head(h), temperature, top_p, ban)
         for t in range(max_new_tokens):
+            tok.copy_(nxt)
             out[:, t] = torch.where(done, pad, tok)
+            out_lp[:, t] = torch.where(done, 0.0, lp)
             done |= tok == eos
             if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
-                return out[:, :t + 1]
-            tok.copy_(step())
+                return out[:, :t + 1], out_lp[:, :t + 1]
+            nxt, lp = step()
             slot += 1
-        return out
+        return out, out_lp
     finally:
         text_cfg._attn_implementation = attn
 
 
 @torch.no_grad()
-def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64, hf=False):
+def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64, hf=False,
+             logprobs=False):
     """Sample one response per prompt encoding (repeat a prompt n times for n samples). Greedy when temperature == 0.
-    Stops at the end-of-turn token. Returns a list of token-id lists, each ending with <|im_end|> unless cut at max_new_tokens.
+    Stops at the end-of-turn token. Returns a list of token-id lists, each ending with <|im_end|> unless cut at max_new_tokens
+    (with logprobs=True also, per response, the log-prob of each sampled token under the distribution it was drawn from).
     Runs on the plain inference copy: no collectives, so ranks that finish early never hang the others.
     The decode loop above (compiled on a GPU), or with hf=True (the stages' --hf-generate) Hugging Face generate() with the
     dynamic KV cache, the readable reference. Greedy tokens are equal in fp32 (tested on CPU; on an H100, 64 prompts x 256
@@ -184,15 +194,21 @@ def generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0,
     # special tokens other than the end of turn are never sampled: a stray <|image_pad|> in a response would break the
     # image-token count of every later forward over it
     banned = sorted(i for i, t in tokenizer.added_tokens_decoder.items() if t.special and i != eos)
-    out = []
+    out, out_lp = [], []
     for i in range(0, len(prompts), batch_size):
         batch = data.collate(prompts[i:i + batch_size], pad, left=True)
         if not hf:
-            new = decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature, top_p)
+            new, lp = decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature, top_p)
         else:
             kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-            new = infer.generate(**model_inputs(batch, device), max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=pad, top_k=None, suppress_tokens=banned, **kw)[:, batch["input_ids"].shape[1]:]
-        for row in new.tolist():
-            out.append(row[:row.index(eos) + 1] if eos in row else row)
-    return out
+            g = infer.generate(**model_inputs(batch, device), max_new_tokens=max_new_tokens, eos_token_id=eos,
+                               pad_token_id=pad, top_k=None, suppress_tokens=banned, output_scores=True,
+                               return_dict_in_generate=True, **kw)
+            new = g.sequences[:, batch["input_ids"].shape[1]:]
+            # the scores are the processed logits each token was drawn from (temperature, top-p, suppressed tokens)
+            lp = torch.stack(g.scores, 1).float().log_softmax(-1).gather(-1, new[..., None]).squeeze(-1)
+        for row, row_lp in zip(new.tolist(), lp.tolist()):
+            n = row.index(eos) + 1 if eos in row else len(row)
+            out.append(row[:n])
+            out_lp.append(row_lp[:n])
+    return (out, out_lp) if logprobs else out

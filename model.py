@@ -275,16 +275,21 @@ def hidden_states(model, batch, device):
 
 
 def chunk_logprobs(h, weight, targets, temperature=1.0):
-    """log p(targets) for hidden rows h (N, H) under the output layer `weight` (V, H) at a sampling temperature, fp32. (N,)"""
+    """log p(targets) for hidden rows h (N, H) under the output layer `weight` (V, H) at a sampling temperature, fp32, and
+    the entropy of each row's distribution (no gradient: a metric). (N,), (N,)"""
     logits = (h @ weight.t()).float() / temperature
-    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    with torch.no_grad():
+        ent = lse - (logits.softmax(-1) * logits).sum(-1)
+    return logits.gather(1, targets[:, None]).squeeze(1) - lse, ent
 
 
-def token_logprobs(model, batch, device, chunk=2048, temperature=1.0):
+def token_logprobs(model, batch, device, chunk=2048, temperature=1.0, entropy=False):
     """Per-token log-probs of the supervised tokens: out[b, t] = log p(input_ids[b, t] | tokens < t) where labels[b, t] != -100,
     else 0. (B, T) fp32. The vocabulary projection runs on `chunk` target rows at a time and is recomputed in backward,
     so full fp32 logits over the vocabulary are never materialised for the whole sequence. With a temperature, p is the
-    distribution the rollouts were sampled from, softmax(logits / T)."""
+    distribution the rollouts were sampled from, softmax(logits / T). With entropy=True also that distribution's entropy at
+    each supervised position (B, T), 0 elsewhere, from the same chunked pass (no second softmax over the vocabulary)."""
     labels = batch["labels"].to(device)
     h = hidden_states(model, batch, device)  # (B, T, H)
     # position t-1 predicts token t: targets are labels shifted left by one
@@ -293,16 +298,19 @@ def token_logprobs(model, batch, device, chunk=2048, temperature=1.0):
     idx = (tgt != -100).nonzero(as_tuple=True)  # rows with a target
     hs, ts = h[idx], tgt[idx]  # (N, H), (N,)
     w = model.lm_head.weight
+    lp = torch.zeros(labels.shape, dtype=torch.float32, device=device)
+    ent = torch.zeros_like(lp)
     if len(ts) == 0:  # nothing supervised (a placeholder): keep the output layer in the graph, as on the other ranks
-        tie = 0.0 * chunk_logprobs(h[0, :1], w, ts.new_zeros(1)).sum()
-        return torch.zeros(labels.shape, dtype=torch.float32, device=device) + tie
+        lp = lp + 0.0 * chunk_logprobs(h[0, :1], w, ts.new_zeros(1))[0].sum()
+        return (lp, ent) if entropy else lp
     parts = [checkpoint(chunk_logprobs, hs[i:i + chunk], w, ts[i:i + chunk], temperature, use_reentrant=False)
              if torch.is_grad_enabled() else chunk_logprobs(hs[i:i + chunk], w, ts[i:i + chunk], temperature)
              for i in range(0, len(ts), chunk)]
-    lp = torch.zeros(labels.shape, dtype=torch.float32, device=device)
-    out = torch.cat(parts) if parts else lp.new_zeros(0)
     # the log-prob of the token at t sits at t (shift back), so that out and labels line up
-    lp[idx[0], idx[1] + 1] = out
+    lp[idx[0], idx[1] + 1] = torch.cat([a for a, _ in parts])
+    if entropy:
+        ent[idx[0], idx[1] + 1] = torch.cat([e for _, e in parts])
+        return lp, ent
     return lp
 
 
@@ -315,8 +323,8 @@ class LogProbs(nn.Module):
         super().__init__()
         self.hf, self.temperature = hf, temperature
 
-    def forward(self, batch, chunk=2048):
-        return token_logprobs(self.hf, batch, self.hf.lm_head.weight.device, chunk, self.temperature)
+    def forward(self, batch, chunk=2048, entropy=False):
+        return token_logprobs(self.hf, batch, self.hf.lm_head.weight.device, chunk, self.temperature, entropy)
 
 
 # -----------------------------------------------------------------------------

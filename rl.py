@@ -42,25 +42,46 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
-def policy_loss(logp, old_logp, advantages, mask, *, algo, clip_low, clip_high, clip_c=None):
-    """PPO-style clipped surrogate for GRPO / DAPO (per-token ratio, token-mean) and GSPO (sequence ratio, seq-mean-token-mean).
-    logp, old_logp, mask: (B, T) over response tokens; advantages: (B,). Aggregation is local to the given tensors."""
+def ppo_terms(logp, old_logp, advantages, mask, *, algo, clip_low, clip_high, clip_c=None):
+    """The clipped surrogate per token, and where its clips bind (verl's pg_clipfrac and pg_clipfrac_lower).
+    logp, old_logp, mask: (B, T); advantages: (B,). Returns (loss (B, T), clipped (B, T) bool: the clipped branch is the
+    larger one, lower (B, T) bool: the dual clip bounds a negative-advantage token). Log-ratios are clamped as verl
+    v0.6.1 clamps them: per token to +-20 (GRPO/DAPO), the sequence ratio to at most 10 (GSPO)."""
     mask = mask.float()
     A = advantages[:, None].float()  # (B, 1), broadcast to every token of the response
     if algo == "gspo":
         # sequence ratio s_i = exp(mean_t (logp - old_logp)); its value is used on every token while the gradient flows
         # through each token's own logp (GSPO-token): d/dθ = s_i * ∇logp_t
         seq = ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
-        log_ratio = logp - logp.detach() + seq.detach()[:, None]
+        ratio = torch.exp((logp - logp.detach() + seq.detach()[:, None]).clamp(max=10.0))
     else:
-        log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio.clamp(max=20.0))  # (B, T); the clamp only guards exp overflow on wild off-policy tokens
-    loss = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high))
-    if clip_c is not None:  # dual-clip: for A < 0, bound the loss by -A * c
+        ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # (B, T)
+    plain, clipped = -A * ratio, -A * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(plain, clipped)
+    lower = torch.zeros_like(mask, dtype=torch.bool)
+    if clip_c is not None and algo != "gspo":  # dual-clip: for A < 0, bound the loss by -A * c
+        lower = (loss > -A * clip_c) & (A < 0)
         loss = torch.where(A < 0, torch.minimum(loss, -A * clip_c), loss)
-    if algo == "gspo":  # seq-mean-token-mean
-        return ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return loss, (clipped > plain).detach(), lower.detach()
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, algo, clip_low, clip_high, clip_c=None):
+    """PPO-style clipped surrogate for GRPO / DAPO (per-token ratio, token-mean) and GSPO (sequence ratio, seq-mean-token-mean
+    over the rows that have a token). logp, old_logp, mask: (B, T) over response tokens; advantages: (B,). Aggregation is
+    local to the given tensors."""
+    loss = ppo_terms(logp, old_logp, advantages, mask, algo=algo, clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)[0]
+    mask = mask.float()
+    if algo == "gspo":  # seq-mean-token-mean; a row without tokens is not a sequence (as verl's agg_loss)
+        rows = mask.sum(1)
+        return ((loss * mask).sum(1) / rows.clamp(min=1)).sum() / (rows > 0).sum().clamp(min=1)
     return (loss * mask).sum() / mask.sum().clamp(min=1)  # token-mean
+
+
+def k3(logp_q, logp_p):
+    """The k3 estimator of KL(p || q) per token from samples of p (Schulman): r = q / p, k3 = r - 1 - log r, with verl's
+    clamps (log r to +-20, k3 to at most 10). (B, T)"""
+    d = (logp_q - logp_p).clamp(-20.0, 20.0)
+    return (torch.exp(d) - d - 1).clamp(max=10.0)
 
 
 def overlong_penalty(length, max_len, buffer, factor):
@@ -68,10 +89,11 @@ def overlong_penalty(length, max_len, buffer, factor):
     return min(0.0, -(length - (max_len - buffer)) / buffer * factor) if buffer > 0 else 0.0
 
 
-def keep_mixed_groups(rewards, group_size):
-    """DAPO dynamic sampling: which groups have rewards that are not all equal. (B,) -> (B // G,) bool"""
-    r = rewards.view(-1, group_size)
-    return (r.max(1).values - r.min(1).values) > 1e-9
+def keep_mixed_groups(accs, group_size):
+    """DAPO dynamic sampling (the release's filter_groups.metric=acc): which groups have accuracies that are not all
+    equal; a group of one is kept. (B,) -> (B // G,) bool"""
+    r = accs.view(-1, group_size).float()
+    return (r.max(1).values - r.min(1).values > 1e-9) | (group_size == 1)
 
 
 def micro_groups(lengths, max_seqs, max_tokens=0):
@@ -105,8 +127,10 @@ def update_policy(policy, opt, items, adv, placeholder, cfg, lr, pad_id, device,
     """The policy update on one rollout batch (also align.py's): `cfg.mini_batches` optimizer steps per epoch, each over
     this rank's share of the sequences, in length-sorted micro-batches (micro_groups). items: join_response dicts; adv: one
     advantage each. Every rank runs the same number of forwards (FSDP); a rank short of micro-batches runs `placeholder`
-    with no supervised token. Returns the step's statistics."""
-    ph = dict(placeholder)
+    with no supervised token. Returns the step's statistics: loss, grad norm, clip fractions (verl's pg_clipfrac and
+    pg_clipfrac_lower), the policy's entropy over response tokens (first epoch), and when the items carry the rollout's
+    log-probs the mean k3 between the rollout's and the update's log-probs of the sampled tokens (before any step)."""
+    ph = {k: v for k, v in placeholder.items() if k != "rollout_logprobs"}
     ph["labels"] = torch.full_like(ph["input_ids"], -100)  # no loss, no gradient
     per_mb = math.ceil(len(items) / cfg.mini_batches)
     mbs = [(items[i * per_mb:(i + 1) * per_mb], adv[i * per_mb:(i + 1) * per_mb]) for i in range(cfg.mini_batches)]
@@ -134,36 +158,40 @@ def update_policy(policy, opt, items, adv, placeholder, cfg, lr, pad_id, device,
     t_lp = time.time() - t0
 
     t1 = time.time()
-    clip_n = tok_n = 0.0
+    sums = torch.zeros(6, dtype=torch.float64)  # tokens, clipped, lower-clipped, entropy, mismatch k3, tokens with a rollout lp
     gnorms, losses, skipped = [], [], 0
     for epoch in range(cfg.epochs):
         for j, (mb_items, _) in enumerate(mbs):
-            # THE GLOBAL NORMALISER (the gradient contract of model.shard): supervised tokens (GRPO/DAPO: token-mean) or
+            # THE GLOBAL NORMALISERS (the gradient contract of model.shard): supervised tokens (GRPO/DAPO: token-mean) and
             # sequences (GSPO: seq-mean) of this mini-batch over ALL ranks; FSDP sums the gradients, it does not average
             n_tok = sum(int((it["labels"] != -100).sum()) for it in mb_items)
-            denom_tok, denom_seq = M.all_sum([n_tok, len(mb_items)], device)
+            n_seq = sum(int((it["labels"] != -100).any()) for it in mb_items)
+            denom_tok, denom_seq = (max(x, 1) for x in M.all_sum([n_tok, n_seq], device))
             loss_sum = 0.0
             for i, (b, a) in enumerate(micro(j)):
-                logp = policy(b)  # (B, T) response-token log-probs, 0 elsewhere
+                logp, ent = policy(b, entropy=True)  # (B, T) response-token log-probs and entropies, 0 elsewhere
                 mask = (b["labels"] != -100).to(device)
                 old_lp = old[j, i] if not on_policy else logp.detach()
-                loss = policy_loss(logp, old_lp, a.to(device), mask, algo=cfg.algo, clip_low=cfg.clip_low,
-                                   clip_high=cfg.clip_high, clip_c=cfg.clip_c)
-                # policy_loss is a local mean: rescale to this micro-batch's share of the global mean
-                share = mask.sum() / max(denom_tok, 1) if cfg.algo != "gspo" else mask.any(1).sum() / max(denom_seq, 1)
-                loss = loss * share
-                if ref is not None:  # k3 estimator of KL(pi || ref), token-mean over the global token count
-                    d = (refs[j, i] - logp) * mask
-                    loss = loss + cfg.kl_coef * ((torch.exp(d) - d - 1) * mask).sum() / max(denom_tok, 1)
+                terms, clipped, lower = ppo_terms(logp, old_lp, a.to(device), mask, algo=cfg.algo, clip_low=cfg.clip_low,
+                                                  clip_high=cfg.clip_high, clip_c=cfg.clip_c)
+                rows = mask.sum(1).clamp(min=1)
+                if cfg.algo == "gspo":  # this micro-batch's share of the global seq-mean-token-mean
+                    loss = ((terms * mask).sum(1) / rows).sum() / denom_seq
+                else:  # ... of the global token-mean
+                    loss = (terms * mask).sum() / denom_tok
+                if ref is not None:  # k3 KL(pi || ref), aggregated as the policy loss is (verl: the same loss_agg_mode)
+                    kl = k3(refs[j, i], logp) * mask
+                    loss = loss + cfg.kl_coef * (kl.sum(1) / rows).sum() / denom_seq if cfg.algo == "gspo" else \
+                        loss + cfg.kl_coef * kl.sum() / denom_tok
                 loss.backward()
                 loss_sum += loss.item()
-                with torch.no_grad():  # clip fraction: tokens whose (token or sequence) ratio is outside the clip range
-                    lr_ = logp - old_lp
-                    if cfg.algo == "gspo":
-                        lr_ = ((lr_ * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(logp)
-                    ratio = torch.exp(lr_)
-                    clip_n += float((((ratio < 1 - cfg.clip_low) | (ratio > 1 + cfg.clip_high)) & mask).sum())
-                    tok_n += float(mask.sum())
+                with torch.no_grad():
+                    sums[:3] += torch.tensor([mask.sum(), (clipped & mask).sum(), (lower & mask).sum()], dtype=torch.float64)
+                    if epoch == 0:
+                        sums[3] += float((ent * mask).sum())
+                    if epoch == 0 and "rollout_logprobs" in b:  # old_lp: the rollout policy's weights, before any step
+                        sums[4] += float((k3(old_lp, b["rollout_logprobs"].to(device)) * mask).sum())
+                        sums[5] += float(mask.sum())
             loss_sum = M.all_sum(loss_sum, device)
             gnorm = M.clip_grad(policy, cfg.grad_clip)
             if not math.isfinite(gnorm) or not math.isfinite(loss_sum):  # global values: every rank agrees
@@ -177,9 +205,12 @@ def update_policy(policy, opt, items, adv, placeholder, cfg, lr, pad_id, device,
             opt.zero_grad(set_to_none=True)
             gnorms.append(gnorm)
             losses.append(loss_sum)
-    clip_n, tok_n = M.all_sum([clip_n, tok_n], device)
+    n, clip_n, lower_n, ent_sum, k3_sum, k3_n = M.all_sum(sums.tolist(), device)
+    first_epoch = n / cfg.epochs  # the tokens of one pass (entropy is summed over the first epoch only)
     return {"loss": sum(losses) / max(len(losses), 1), "grad_norm": sum(gnorms) / max(len(gnorms), 1),
-            "clip_frac": clip_n / max(tok_n, 1), "t_logprobs": t_lp, "t_update": time.time() - t1, "skipped": skipped}
+            "clip_frac": clip_n / max(n, 1), "clip_frac_lower": lower_n / max(n, 1), "entropy": ent_sum / max(first_epoch, 1),
+            "rollout_k3": k3_sum / k3_n if k3_n else float("nan"), "t_logprobs": t_lp, "t_update": time.time() - t1,
+            "skipped": skipped}
 
 
 class Group(NamedTuple):
@@ -187,9 +218,11 @@ class Group(NamedTuple):
     example: data.Example
     prompt: dict  # render_chat encoding of the prompt
     responses: list  # G lists of token ids
+    logprobs: list  # G lists: each sampled token's log-prob under the rollout's sampling distribution
     rewards: torch.Tensor  # (G,) verify.reward scores (+ DAPO's overlong penalty)
     accs: list  # (G,) answer correct
     formats: list  # (G,) format-valid
+    truncated: list  # (G,) cut at --max-new-tokens (no end-of-turn token)
 
 
 if __name__ == "__main__":
@@ -261,7 +294,7 @@ if __name__ == "__main__":
     os.makedirs(args.out, exist_ok=True)
     processor = M.load_processor(args.processor or args.policy)
     tok = processor.tokenizer
-    pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    pad_id, eos = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
     P, G = args.prompts, args.group_size
     if args.temperature <= 0:
         raise SystemExit(f"--temperature {args.temperature}: RL samples its rollouts, the temperature must be > 0")
@@ -298,8 +331,8 @@ if __name__ == "__main__":
         """G responses for each of this rank's prompts at stream positions [pos, pos + n_prompts * world): a Group each."""
         mine = [prompts[i] for i in data.stream_indices(len(prompts), args.seed, pos + rank * n_prompts, n_prompts)]
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
-        outs = engine.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens, args.temperature,
-                               args.top_p, args.gen_batch, args.hf_generate)
+        outs, lps = engine.generate(infer, [e for e in enc for _ in range(G)], tok, device, args.max_new_tokens,
+                                    args.temperature, args.top_p, args.gen_batch, args.hf_generate, logprobs=True)
         groups = []
         for i, (ex, e) in enumerate(zip(mine, enc)):
             resp = outs[i * G:(i + 1) * G]
@@ -308,21 +341,24 @@ if __name__ == "__main__":
             if args.algo == "dapo":  # soft overlong punishment on the reward
                 score += torch.tensor([overlong_penalty(len(r), args.max_new_tokens, buffer, args.overlong_factor)
                                        for r in resp])
-            groups.append(Group(ex, e, resp, score, [r["acc"] for r in rs], [r["format"] for r in rs]))
+            groups.append(Group(ex, e, resp, lps[i * G:(i + 1) * G], score, [r["acc"] for r in rs], [r["format"] for r in rs],
+                                [r[-1] != eos for r in resp]))
         return groups
 
     def dapo_fill(groups, pos):
-        """DAPO dynamic sampling: keep the groups whose rewards differ; refill from new generation batches until the step
-        holds P groups over all ranks (or the tries run out). Counts are all-reduced, so every rank decides the same.
-        Returns (this rank's kept groups, every group generated, the stream position, the share of groups kept)."""
-        kept, generated = [g for g in groups if keep_mixed_groups(g.rewards, G)[0]], list(groups)
+        """DAPO dynamic sampling: keep the groups whose accuracies differ (a group of one is kept); refill from new
+        generation batches until the step holds P groups over all ranks (or the tries run out). Counts are all-reduced, so
+        every rank decides the same. Returns (this rank's kept groups, every group generated, the stream position, the share
+        of groups kept)."""
+        mixed = lambda gs: [g for g in gs if keep_mixed_groups(torch.tensor(g.accs), G)[0]]  # noqa: E731
+        kept, generated = mixed(groups), list(groups)
         for _ in range(args.dapo_tries - 1):
             if M.all_sum(len(kept), device) >= P:
                 break
             more = rollout(pos, P_rank * args.dapo_gen_mult)
             pos += P * args.dapo_gen_mult
             generated += more
-            kept += [g for g in more if keep_mixed_groups(g.rewards, G)[0]]
+            kept += mixed(more)
         counts = [0] * world
         dist.all_gather_object(counts, len(kept))
         quota = max(0, min(len(kept), P - sum(counts[:rank])))  # fill P groups in rank order
@@ -368,8 +404,8 @@ if __name__ == "__main__":
         # ---- advantages: group normalisation of the rewards, broadcast to every response token --------------------
         items, adv = [], []
         for g in groups:
-            for r, a in zip(g.responses, group_advantages(g.rewards, G)):
-                items.append(data.join_response(g.prompt, r))
+            for r, lp, a in zip(g.responses, g.logprobs, group_advantages(g.rewards, G)):
+                items.append(data.join_response(g.prompt, r, lp))
                 adv.append(float(a))
         if M.all_sum(len(items), device) == 0:  # nothing to learn from anywhere (DAPO found no mixed group)
             M.print0(f"step {step + 1:05d}/{args.steps:05d} | no group with mixed rewards: update skipped")
@@ -385,19 +421,23 @@ if __name__ == "__main__":
             raise SystemExit(f"{bad_in_row} non-finite updates in a row: stopping. Lower --lr or check the data.")
 
         # ---- log: statistics over every generated rollout (DAPO: the filtered-out groups too) -----------------------
-        stats = [(s, acc, fmt, len(r)) for g in generated for s, acc, fmt, r in zip(g.rewards.tolist(), g.accs, g.formats,
-                                                                                   g.responses)]
-        s = torch.tensor(stats, dtype=torch.float64) if stats else torch.zeros(0, 4, dtype=torch.float64)
-        tot = M.all_sum([*s.sum(0).tolist(), len(s)], device)
-        n, len_max = max(tot[4], 1), M.all_max(int(s[:, 3].max()) if len(s) else 0, device)
+        stats = [(s, acc, fmt, len(r), cut) for g in generated
+                 for s, acc, fmt, r, cut in zip(g.rewards.tolist(), g.accs, g.formats, g.responses, g.truncated)]
+        s = torch.tensor(stats, dtype=torch.float64) if stats else torch.zeros(0, 5, dtype=torch.float64)
+        flat = [float(g.rewards.max() - g.rewards.min() <= 1e-9) for g in generated]  # groups with zero reward variance
+        tot = M.all_sum([*s.sum(0).tolist(), len(s), sum(flat), len(flat)], device)
+        n, len_max = max(tot[5], 1), M.all_max(int(s[:, 3].max()) if len(s) else 0, device)
         rec = {"step": step + 1, "reward": tot[0] / n, "acc": tot[1] / n, "format": tot[2] / n, "len_mean": tot[3] / n,
-               "len_max": len_max, "kept_ratio": kept_ratio, "t_gen": t_gen, **up, "lr": lr_at(step),
-               "skipped_steps": n_skipped_steps, "mem_gb": M.peak_mem_gb()}
+               "len_max": len_max, "truncated": tot[4] / n, "zero_var_groups": tot[6] / max(tot[7], 1),
+               "kept_ratio": kept_ratio, "t_gen": t_gen, **up, "lr": lr_at(step), "skipped_steps": n_skipped_steps,
+               "mem_gb": M.peak_mem_gb()}
         log(rec)
         M.print0(f"step {step + 1:05d}/{args.steps:05d} | reward {rec['reward']:.3f} | acc {rec['acc']:.3f} | "
-                 f"format {rec['format']:.3f} | len {rec['len_mean']:.0f}/{rec['len_max']:.0f} | clip {rec['clip_frac']:.3f} | "
-                 f"kept {kept_ratio:.2f} | gnorm {rec['grad_norm']:.3f} | gen {t_gen:.1f}s lp {up['t_logprobs']:.1f}s "
-                 f"upd {up['t_update']:.1f}s" + (f" | mem {rec['mem_gb']:.1f}GB" if device.type == "cuda" else ""))
+                 f"format {rec['format']:.3f} | len {rec['len_mean']:.0f}/{rec['len_max']:.0f} | cut {rec['truncated']:.2f} | "
+                 f"flat {rec['zero_var_groups']:.2f} | kept {kept_ratio:.2f} | ent {up['entropy']:.3f} | "
+                 f"k3 {up['rollout_k3']:.1e} | clip {rec['clip_frac']:.3f} | gnorm {rec['grad_norm']:.3f} | "
+                 f"gen {t_gen:.1f}s lp {up['t_logprobs']:.1f}s upd {up['t_update']:.1f}s" +
+                 (f" | mem {rec['mem_gb']:.1f}GB" if device.type == "cuda" else ""))
 
     M.save_hf(policy, processor, args.out, {"stage": f"rl-{args.algo}", **vars(args), "skipped_steps": n_skipped_steps,
                                             "dropped_long_prompts": n_long})

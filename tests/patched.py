@@ -27,7 +27,12 @@ RANK = int(os.environ.get("RANK", 0))
 
 
 def scripted_generate(infer, prompts, tokenizer, device, max_new_tokens, temperature=1.0, top_p=1.0, batch_size=64,
-                      hf=False):
+                      hf=False, logprobs=False):
+    out = scripted(prompts, tokenizer)
+    return (out, [[-1.0] * len(o) for o in out]) if logprobs else out  # placeholder log-probs: no sampler here
+
+
+def scripted(prompts, tokenizer):
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]  # noqa: E731
     mode = os.environ["PATCH_GENERATE"]

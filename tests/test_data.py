@@ -57,7 +57,8 @@ def test_readers_round_trip(world):
     align, _ = data.read_examples(os.path.join(out, "align.parquet"), "prompt", require=("teacher_caption",))
     for ex, row in zip(align, splits["align"]):
         assert ex.answer == row["reward_model"]["ground_truth"]
-        assert ex.equivalents == tuple(row["extra_info"]["equivalent_answers"])
+        eq = row["reward_model"]["equivalent_answers"]  # the release's layout; "__EMPTY__" means none
+        assert ex.equivalents == (() if eq == ["__EMPTY__"] else tuple(eq))
         assert ex.teacher_caption == row["teacher_caption"] and ex.teacher_cot == row["teacher_cot"]
         assert ex.images[0]["bytes"] == row["images"][0]["bytes"]
         # the teacher demonstration is format-valid and earns the full reward
@@ -140,6 +141,28 @@ def write_parquet(path, rows):
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
+def test_equivalent_answers_in_both_released_columns(tmp_path):
+    """reward_model.equivalent_answers (where the release's reward managers read them) and extra_info's; a list holding
+    "__EMPTY__" means none, as in the release's math_verify_with_format.py."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    base = {"prompt": [{"role": "user", "content": "<image>\nWhich colour? (A) red (B) blue"}], "images": ["a.png"]}
+    rows = [{**base, "reward_model": {"ground_truth": "B", "equivalent_answers": ["blue"]}},
+            {**base, "reward_model": {"ground_truth": "B", "equivalent_answers": ["__EMPTY__"]}},
+            {**base, "reward_model": {"ground_truth": "B", "equivalent_answers": ["blue", "__EMPTY__"]}},
+            {**base, "reward_model": {"ground_truth": "B"}, "extra_info": {"equivalent_answers": ["blue"]}},
+            {**base, "reward_model": {"ground_truth": "B", "equivalent_answers": ["blue"]},
+             "extra_info": {"equivalent_answers": ["Blue", "blue"]}}]
+    strs = pa.list_(pa.string())
+    schema = pa.schema([("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+                        ("images", strs), ("reward_model", pa.struct([("ground_truth", pa.string()), ("equivalent_answers", strs)])),
+                        ("extra_info", pa.struct([("equivalent_answers", strs)]))])  # every row's columns, as the release's
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(tmp_path / "rl.parquet"))
+    exs, _ = data.read_examples(str(tmp_path / "rl.parquet"), "prompt")
+    assert [ex.equivalents for ex in exs] == [("blue",), (), (), ("blue",), ("blue", "Blue")]
+    text = "<caption>- a</caption><think>b</think><answer>blue</answer>"
+    assert [verify.reward(text, ex.answer, ex.equivalents)["score"] for ex in exs] == [1.0, 0.2, 0.2, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("case,row_fn,msg", [
     ("missing prompt", lambda d: {k: v for k, v in good_prompt_row("a.png").items() if k != "prompt"}, "prompt"),
     ("missing ground truth", lambda d: {**good_prompt_row("a.png"), "reward_model": {"style": "rule"}}, "ground_truth"),
@@ -148,6 +171,8 @@ def write_parquet(path, rows):
     ("empty question", lambda d: {**good_prompt_row("a.png"), "prompt": [{"role": "user", "content": "<image>  "}]},
      "empty question"),
     ("bad equivalents", lambda d: {**good_prompt_row("a.png"), "extra_info": {"equivalent_answers": [1]}}, "equivalent"),
+    ("bad released equivalents", lambda d: {**good_prompt_row("a.png"), "reward_model": {"ground_truth": "2",
+                                            "equivalent_answers": "blue"}}, "reward_model.equivalent_answers"),
     ("bad image entry", lambda d: {**good_prompt_row(None), "images": [{"bytes": None, "path": None}]}, "bad image entry"),
 ])
 def test_bad_parquet_records(tmp_path, case, row_fn, msg):

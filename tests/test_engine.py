@@ -34,14 +34,16 @@ def test_static_sampling_respects_top_p_and_banned_tokens():
     torch.manual_seed(0)
     logits = torch.randn(4000, 6)
     banned = torch.tensor([False, False, True, False, False, False])
-    draws = engine.sample(logits, 1.0, 1.0, banned)
+    draws, lp = engine.sample(logits, 1.0, 1.0, banned)
     assert not (draws == 2).any()
     # frequencies follow softmax(logits) over the allowed tokens (the Gumbel-max trick), row by row in expectation
     p = logits.masked_fill(banned, float("-inf")).softmax(-1).mean(0)
     freq = torch.bincount(draws, minlength=6).float() / len(draws)
     torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
     # top_p keeps the smallest head reaching p: with p tiny, only the argmax survives
-    assert engine.sample(logits, 1.0, 1e-6, banned).equal(engine.sample(logits, 0, 1.0, banned))
+    assert engine.sample(logits, 1.0, 1e-6, banned)[0].equal(engine.sample(logits, 0, 1.0, banned)[0])
+    # the returned log-probs are those of the drawn tokens under the (banned-masked) softmax
+    torch.testing.assert_close(lp, logits.masked_fill(banned, float("-inf")).log_softmax(-1).gather(-1, draws[:, None])[:, 0])
 
 
 def test_gqa_decode_attention_equals_sdpa_with_repeated_heads():
@@ -115,3 +117,32 @@ def test_generation_stops_at_end_of_turn(world, processor):
     item = data.join_response(prompts[1], out[1])
     assert (item["labels"] != -100).sum() == 3 and item["labels"][-1] == eos
     assert torch.equal(item["input_ids"][:len(prompts[1]["input_ids"])], prompts[1]["input_ids"])
+
+
+@pytest.mark.parametrize("hf", [False, True])
+
+
+def test_sampled_tokens_carry_their_log_probs_and_the_sampler_draws_from_the_policy(world, processor, hf):
+    """generate(logprobs=True) returns each sampled token's log-prob under the distribution it was drawn from (the
+    teacher-forced softmax at the temperature, special tokens other than <|im_end|> removed), and the draws follow that
+    distribution: the mean of -log p(y) over the sampled tokens equals the mean entropy within 4 standard errors."""
+    tok = processor.tokenizer
+    infer = engine.make_inference_copy(M.load_policy("tiny", processor, torch.device("cpu"), seed=1), torch.device("cpu"))
+    exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
+    prompts = [data.render_chat(processor, ex) for ex in exs[:4]] * 6
+    torch.manual_seed(0)
+    outs, lps = engine.generate(infer, prompts, tok, "cpu", 24, temperature=0.8, hf=hf, logprobs=True)
+    assert [len(o) for o in outs] == [len(lp) for lp in lps]
+    b = data.collate([data.join_response(p, o) for p, o in zip(prompts, outs)], 0)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    banned = [i for i, t in tok.added_tokens_decoder.items() if t.special and i != eos]
+    with torch.no_grad():
+        logits = infer(**M.model_inputs(b, "cpu")).logits.float()[:, :-1] / 0.8
+    logits[..., banned] = float("-inf")
+    logq = torch.log_softmax(logits, -1)
+    mask = b["labels"][:, 1:] != -100
+    want = logq.gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)[mask]
+    torch.testing.assert_close(torch.tensor(sum(lps, [])), want, atol=2e-4, rtol=1e-4)
+    ent = -(logq.exp() * logq.clamp(min=-1e9)).sum(-1)[mask]
+    diff = -want - ent
+    assert abs(diff.mean()) < 4 * diff.std() / len(diff) ** 0.5, (diff.mean(), diff.std(), len(diff))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import model as M
 import rl
 from helpers import MIXED, check_two_equal_one_and_resume, metrics, rl_args, run
 
@@ -118,9 +119,70 @@ def test_group_advantages_hand_worked():
     torch.testing.assert_close(rl.group_advantages(torch.tensor([0.2, 1.0]), 1), torch.tensor([0.2, 1.0]))  # groups of one
 
 
-def test_dynamic_sampling_keeps_only_mixed_groups():
-    r = torch.tensor([1.0, 1.0, 1.0, 0.2, 0.0, 0.0, 0.2, 0.2, 0.2, 0.0, 1.0, 0.2])
-    assert rl.keep_mixed_groups(r, 3).tolist() == [False, True, False, True]
+def test_dynamic_sampling_keeps_groups_whose_accuracy_differs_and_groups_of_one():
+    acc = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    assert rl.keep_mixed_groups(acc, 3).tolist() == [False, True, False, True]
+    # rewards that differ only in the format term (0.0 invalid vs 0.2 valid, all wrong): the accuracies are equal, dropped
+    rewards = torch.tensor([0.0, 0.2, 0.2])
+    accs = torch.tensor([0.0, 0.0, 0.0])
+    assert rl.keep_mixed_groups(rewards, 3).tolist() == [True] and rl.keep_mixed_groups(accs, 3).tolist() == [False]
+    assert rl.keep_mixed_groups(torch.tensor([1.0, 0.0]), 1).tolist() == [True, True]  # groups of one are kept
+
+
+def verl_vanilla(logp, old, adv, mask, lo, hi, c):
+    """verl v0.6.1 compute_policy_loss_vanilla's metrics, transcribed (core_algos.py): (pg_clipfrac, pg_clipfrac_lower)."""
+    neg_kl = torch.clamp(logp - old, min=-20.0, max=20.0)
+    ratio = torch.exp(neg_kl)
+    A = adv[:, None]
+    l1, l2 = -A * ratio, -A * torch.clamp(ratio, 1 - lo, 1 + hi)
+    c1 = torch.maximum(l1, l2)
+    m = mask.float()
+    frac = (torch.gt(l2, l1).float() * m).sum() / m.sum()
+    lower = (torch.gt(c1, -A * c).float() * (A < 0).float() * m).sum() / m.sum()
+    return frac, lower
+
+
+def test_clip_fractions_are_verls():
+    logp, old, adv, mask = random_case(0)
+    for algo in ("grpo", "dapo"):
+        cfg = rl.ALGOS[algo]
+        _, clipped, lower = rl.ppo_terms(logp, old, adv, mask, algo=algo, clip_low=cfg["clip_low"],
+                                         clip_high=cfg["clip_high"], clip_c=cfg["clip_c"])
+        frac, low = verl_vanilla(logp.detach(), old, adv, mask, cfg["clip_low"], cfg["clip_high"], cfg["clip_c"])
+        n = mask.sum()
+        assert (clipped & mask).sum() / n == pytest.approx(frac.item()) and (lower & mask).sum() / n == pytest.approx(low.item())
+        assert 0 < frac < 1 and (0 < low < 1 or algo == "dapo")  # both clips bind here (DAPO's c = 10: its dual clip not)
+        # not the old "ratio outside the range" count, which ignores the sign of A
+        outside = (((torch.exp(logp - old) < 1 - cfg["clip_low"]) | (torch.exp(logp - old) > 1 + cfg["clip_high"])) & mask)
+        assert outside.sum() > (clipped & mask).sum()
+
+
+def test_gspo_excludes_rows_without_tokens_and_clamps_the_sequence_ratio_at_10():
+    logp, old, adv, mask = random_case(5)
+    full = rl.policy_loss(logp, old, adv, mask, algo="gspo", clip_low=0.05, clip_high=0.08)
+    mask2 = torch.cat([mask, torch.zeros(1, mask.shape[1], dtype=torch.bool)])  # one more row, no response token
+    two = rl.policy_loss(torch.cat([logp, logp[:1]]), torch.cat([old, old[:1]]), torch.cat([adv, adv[:1]]), mask2,
+                         algo="gspo", clip_low=0.05, clip_high=0.08)
+    assert two.item() == pytest.approx(full.item())  # the empty row is not a sequence of the mean
+    # a sequence log-ratio of 15: the ratio's value is capped at exp(10) and its tokens get no gradient (verl's clamp)
+    lp = torch.zeros(1, 4, requires_grad=True)
+    loss, _, _ = rl.ppo_terms(lp, torch.full((1, 4), -15.0), torch.tensor([-1.0]), torch.ones(1, 4, dtype=torch.bool),
+                              algo="gspo", clip_low=1e9, clip_high=1e9)
+    assert loss[0, 0].item() == pytest.approx(math.exp(10.0), rel=1e-6)
+    loss.sum().backward()
+    assert (lp.grad == 0).all()
+
+
+def test_k3_is_the_kl_estimator_with_verls_clamps():
+    q, p = torch.tensor([-1.0, -2.0, -0.5, 30.0]), torch.tensor([-1.5, -2.0, -3.0, 0.0])
+    want = [math.exp(a - b) - (a - b) - 1 for a, b in zip(q.tolist()[:3], p.tolist()[:3])] + [10.0]  # log r = 30: clamped
+    torch.testing.assert_close(rl.k3(q, p), torch.tensor(want))
+    # its mean over samples of p estimates KL(p || q) (two categoricals: exact value against a large sample)
+    g = torch.Generator().manual_seed(0)
+    pp, qq = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
+    x = torch.multinomial(pp, 200000, replacement=True, generator=g)
+    kl = float((pp * (pp / qq).log()).sum())
+    assert rl.k3(qq.log()[x], pp.log()[x]).mean().item() == pytest.approx(kl, abs=0.01)
 
 
 @pytest.mark.parametrize("length,expected", [(0, 0.0), (4096, 0.0), (6144, -0.5), (8191, -(4095 / 4096)), (8192, -1.0),
@@ -175,3 +237,42 @@ def test_over_long_prompts_are_dropped_and_counted(world, processor, tiny_dirs, 
     r = run("rl.py", *rl_args(world, tiny_dirs[0], str(tmp_path / "r"), max_prompt_len=min(lengths) - 1), check=False,
             timeout=120)
     assert r.returncode != 0 and "every prompt is longer than --max-prompt-len" in r.stdout + r.stderr
+
+
+def test_update_reports_entropy_and_the_rollout_mismatch(dist1, world, processor):
+    """update_policy's entropy (from the chunked log-prob pass) and its mean k3 between the rollout's and the update's
+    log-probs, against the full-vocabulary softmax of an unsharded copy at the same temperature."""
+    exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
+    g = torch.Generator().manual_seed(0)
+    resp = [torch.randint(20, 300, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    rollout_lp = [(-3 * torch.rand(len(r), generator=g)).tolist() for r in resp]
+    items = [data.join_response(data.render_chat(processor, ex), r, lp) for ex, r, lp in zip(exs[:4], resp, rollout_lp)]
+    b = data.collate(items, 0)
+    assert torch.equal(b["rollout_logprobs"][b["labels"] != -100], torch.tensor(sum(rollout_lp, [])))
+    ref = M.load_policy("tiny", processor, dist1, seed=5)
+    with torch.no_grad():
+        logq = torch.log_softmax(ref(**M.model_inputs(b, "cpu")).logits.float()[:, :-1] / 0.7, -1)
+    lp = logq.gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+    ent = -(logq.exp() * logq).sum(-1)
+    mask = (b["labels"][:, 1:] != -100).float()
+    d = lp - b["rollout_logprobs"][:, 1:]
+    want_k3 = (((d.exp() - d - 1) * mask).sum() / mask.sum()).item()
+    policy = M.shard(M.LogProbs(M.load_policy("tiny", processor, dist1, seed=5), temperature=0.7), dist1)
+    cfg = rl.UpdateConfig("grpo", 0.2, 0.2, 3.0, micro_batch=2)
+    up = rl.update_policy(policy, torch.optim.SGD(policy.parameters(), lr=0.0), items, [1.0, -1.0, 0.5, 0.0], items[0],
+                          cfg, 0.0, 0, dist1)
+    assert up["entropy"] == pytest.approx(((ent * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert up["rollout_k3"] == pytest.approx(want_k3, rel=1e-5)
+    assert up["clip_frac"] == 0 and up["clip_frac_lower"] == 0  # on-policy: ratio 1, no clip binds
+
+
+def test_rl_logs_truncation_and_flat_groups(world, tiny_dirs, tmp_path):
+    """The random-weight tiny policy never ends a response within 8 tokens nor writes the format: every rollout is cut and
+    every group's rewards are all 0. tests/patched.py's scripted policy ends every response and mixes valid (0.2 / 1.0)
+    with invalid (0.0) rows in every group: nothing cut, no flat group."""
+    for env, cut, flat in (({}, 1.0, 1.0), (MIXED, 0.0, 0.0)):
+        out = str(tmp_path / f"rl{cut}")
+        run("rl.py", *rl_args(world, tiny_dirs[0], out, steps=1, save_every=0, max_new_tokens=8), env=env)
+        rec = [m for m in metrics(out) if "truncated" in m][0]
+        assert (rec["truncated"], rec["zero_var_groups"]) == (cut, flat)
+        assert rec["entropy"] > 0 and math.isfinite(rec["rollout_k3"]) and "clip_frac_lower" in rec
