@@ -14,6 +14,7 @@ warmup.py uses too) and its update.
 """
 
 import argparse
+import json
 import math
 import os
 import time
@@ -81,12 +82,19 @@ def discriminator_loss(teacher_cap, student_cap, teacher_cot, student_cot, valid
 
 @dataclass
 class Framing:
-    """How the discriminator sees a segment (score_segments), the same in warmup.py and the game."""
+    """How the discriminator sees a segment (score_segments), the same in warmup.py and the game. The first three fields
+    are the discriminator's own: saved beside it as framing.json by warmup.py and align.py and read back with it, so the
+    game scores exactly as its warm-up did; a released discriminator (its head in the v_head layout) gets the release's."""
     processor: object
-    max_pixels: int = 560 * 560  # images are downscaled to at most this many pixels
+    system: str | None = None  # the system turn: None = the record's (ours); the release's warm-up hard-codes its own
+    max_pixels: int = 560 * 560  # images are downscaled to at most this many pixels ...
+    max_side: int | None = None  # ... and to at most this longer side (the release's warm-up: 560)
     text_only: bool = False  # ablation: no image at all
     routing: bool = False  # ablation: hard segment routing (perception -> first half of the experts, reasoning -> second)
     micro: int = 16  # sequences per forward per rank
+
+
+RELEASE_FRAMING = {"system": data.RELEASE_WARMUP_SYSTEM_PROMPT, "max_pixels": 560 * 560, "max_side": 560}
 
 
 class Seq(NamedTuple):
@@ -110,14 +118,17 @@ def routing_mask(channels, num_experts):
 
 
 def score_segments(disc, framing, seqs, device, pad, *, clip=None, grad=False, with_aux=False):
-    """THE discriminator framing: for each Seq the chat is system + user (image + question) + assistant = the segment; the
-    trunk runs with the processor's real M-RoPE positions and pixels (none with text_only); the score is read at the
-    segment's last token (its end-of-turn token), for teacher and student alike.
+    """THE discriminator framing: for each Seq the chat is system + user (image + question) + assistant = the segment,
+    rendered as the release's warm-up renders it (data.render_segment: no generation prompt, tokenised whole); the trunk
+    runs with the processor's real M-RoPE positions and pixels (none with text_only); the score is read at the last
+    token of that text (the template's newline after the end-of-turn token), for teacher and student alike.
     Collective under FSDP: every rank runs the same number of forwards (micro-batches of framing.micro); a rank with fewer
     sequences scores `pad` (a Seq) instead. Returns (scores (B,) clipped to +-clip when given, mean router aux loss, tie):
     `tie` is 0 but depends on every forward, so adding it to a loss keeps all of this rank's forwards in the backward."""
     f = framing
-    items = [data.render_chat(f.processor, s.example, s.text, f.max_pixels, with_images=not f.text_only) for s in seqs]
+    render = lambda s: data.render_segment(f.processor, s.example, s.text, f.system, f.max_pixels, f.max_side,  # noqa: E731
+                                           with_images=not f.text_only)
+    items = [render(s) for s in seqs]
     n = max(M.all_max(math.ceil(len(items) / f.micro), device), 1)
     E = getattr(disc.config.text_config, "num_experts", 0)
     scores, aux, tie = [], torch.zeros((), device=device), torch.zeros((), device=device)
@@ -125,8 +136,7 @@ def score_segments(disc, framing, seqs, device, pad, *, clip=None, grad=False, w
         chunk, ch = items[i * f.micro:(i + 1) * f.micro], [s.channel for s in seqs[i * f.micro:(i + 1) * f.micro]]
         real = len(chunk)
         if not chunk:
-            chunk = [data.render_chat(f.processor, pad.example, pad.text, f.max_pixels, with_images=not f.text_only)]
-            ch = [pad.channel]
+            chunk, ch = [render(pad)], [pad.channel]
         b = data.collate(chunk, f.processor.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
         last = b["attention_mask"].sum(1) - 1  # (B,) index of each segment's last token (right padding)
         with torch.set_grad_enabled(grad):
@@ -146,8 +156,11 @@ def segments_of(text, mode):
 
 
 def teacher_segments(ex, mode):
-    """The teacher demonstration's segments per channel: (caption, reasoning), or (caption + reasoning,) in "whole" mode."""
-    return (ex.teacher_caption, ex.teacher_cot) if mode == "split" else ((ex.teacher_caption + "\n" + ex.teacher_cot).strip(),)
+    """The teacher demonstration's segments per channel: (caption, reasoning), or in "whole" mode (its teacher_response
+    when the record has one, else caption + reasoning,)."""
+    if mode == "split":
+        return ex.teacher_caption, ex.teacher_cot
+    return (ex.teacher_response or (ex.teacher_caption + "\n" + ex.teacher_cot)).strip(),
 
 
 def add_discriminator_args(p):
@@ -164,20 +177,38 @@ def add_discriminator_args(p):
                         "-> second half (hard routing, tests the 'dedicated experts' claim)")
     p.add_argument("--disc-micro", type=int, default=16, help="discriminator sequences per forward per rank (its update: "
                    "also at most --micro-tokens padded tokens)")
+    p.add_argument("--disc-fresh-head", action="store_true", help="accept a --disc directory with no score head and start "
+                   "from a random one (otherwise refused: e.g. a checkpoint that was never warmed up)")
     p.add_argument("--max-pixels", type=int, default=560 * 560, help="images are downscaled to at most this many pixels")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model directories")
 
 
 def setup_discriminator(args, processor, device):
-    """(the discriminator sharded for training, its Framing, its expert count) from add_discriminator_args' flags."""
+    """(the discriminator sharded for training, its Framing, its expert count) from add_discriminator_args' flags. The
+    framing is the one stored beside the discriminator (framing.json), else the release's for a released one (its head in
+    the v_head layout), else ours: the record's system prompt and --max-pixels."""
     disc = M.load_discriminator(args.disc, processor, device, args.disc_experts, args.disc_top_k, args.disc_noise, args.seed,
-                                args.trust_remote_code)
+                                args.trust_remote_code, args.disc_fresh_head)
     E = getattr(disc.config.text_config, "num_experts", 0)
     if args.disc_routing == "segment" and E < 2:
         raise SystemExit("--disc-routing segment needs a Mixture-of-Experts discriminator (--disc-experts >= 2)")
-    framing = Framing(processor, args.max_pixels, args.disc_text_only, args.disc_routing == "segment", args.disc_micro)
+    stored = os.path.join(args.disc, "framing.json")
+    own = {"system": None, "max_pixels": args.max_pixels, "max_side": None}
+    own = json.load(open(stored)) if os.path.isfile(stored) else RELEASE_FRAMING if (disc.head_source or "").startswith(
+        "v_head") else own
+    framing = Framing(processor, own["system"], own["max_pixels"], own["max_side"], args.disc_text_only,
+                      args.disc_routing == "segment", args.disc_micro)
+    M.print0(f"discriminator framing: system prompt {'of each record' if framing.system is None else repr(framing.system[:40]) + '...'}"
+             f", images <= {framing.max_pixels} pixels" + (f" and {framing.max_side} px a side" if framing.max_side else ""))
     return M.shard(disc, device, grad_ckpt=args.grad_ckpt), framing, E
+
+
+def save_framing(framing, out):
+    """framing.json beside a saved discriminator (rank 0): the framing its scores were trained under."""
+    if dist.get_rank() == 0:
+        with open(os.path.join(out, "framing.json"), "w") as f:
+            json.dump({"system": framing.system, "max_pixels": framing.max_pixels, "max_side": framing.max_side}, f, indent=1)
 
 
 # -----------------------------------------------------------------------------
@@ -260,6 +291,10 @@ if __name__ == "__main__":
     p.add_argument("--data", required=True, help="alignment parquet: prompt, images, teacher_caption, teacher_cot")
     p.add_argument("--max-prompt-len", type=int, default=2048, help="drop (and count) prompts longer than this, images included")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+    p.add_argument("--image-root", default=None, help="relative image paths resolve against this folder (the release's "
+                       "IMAGE_BASE_PATH), else against the data file's folder")
+    p.add_argument("--system-prompt", default=None, help="a text file: the system prompt of records that carry none "
+                       "(default: data.SYSTEM_PROMPT)")
     # rollouts
     p.add_argument("--prompts", type=int, default=4, help="prompts per step (global); each has --group-size rollouts")
     p.add_argument("--group-size", type=int, default=16, help="rollouts per prompt (G)")
@@ -320,7 +355,7 @@ if __name__ == "__main__":
     hf = M.load_policy(args.policy, processor, device, seed=args.seed, trust_remote_code=args.trust_remote_code)
     infer = engine.make_inference_copy(hf, device)  # the generation copy, refreshed from the trained weights every step
     prompts, skipped = data.read_examples(args.data, "prompt", skip_bad=args.skip_bad, require=("teacher_caption",
-                                                                                                  "teacher_cot"))
+                                          "teacher_cot"), image_root=args.image_root, system=data.system_prompt(args.system_prompt))
     if skipped:
         M.print0(f"skipped {len(skipped)} bad records of {args.data} (first: {skipped[0]})")
     prompts, n_long = data.drop_long_prompts(processor, prompts, args.max_prompt_len, args.max_pixels)
@@ -432,6 +467,7 @@ if __name__ == "__main__":
     M.save_hf(policy, processor, args.out, {"stage": "align", **vars(args), "skipped_steps": n_skipped,
                                             "dropped_long_prompts": n_long})
     os.makedirs(os.path.join(args.out, "disc"), exist_ok=True)
+    save_framing(framing, os.path.join(args.out, "disc"))  # before save_hf, whose run_config.json marks the save complete
     M.save_hf(disc, processor, os.path.join(args.out, "disc"), {"stage": "align-disc", **vars(args)})
     M.print0(f"saved the policy to {args.out} and the discriminator to {os.path.join(args.out, 'disc')}")
     dist.destroy_process_group()

@@ -24,6 +24,14 @@ discriminator update. Saving is skipped (align.py saves only at the end of a run
 
     torchrun --nproc_per_node 4 bench.py align --config 4b --disc-config 2b --prompts 4 --group-size 16 --prompt 1800 \
         --new 6144 --steps 2 --grad-ckpt
+
+pipeline: the miniature as run.sh runs it on one GPU (small config, its batch sizes), stage scripts as subprocesses of the
+code tree --code (default: this one; pass a checkout of another commit to compare in the same run): SFT steps (16
+examples), RL steps (8 prompts x 8 rollouts of <= 256 tokens), alignment steps (the same, discriminator upcycled from the
+SFT policy), eval.py on 400 prompts, then --concurrent RL runs at once on the one GPU. Reports medians of the step times
+after the first two (which compile), the first step, and each process's wall time; one JSON line per measurement.
+
+    python bench.py pipeline --config small --workdir runs/bench-pipeline --out pipeline.jsonl [--code ../old-checkout]
 """
 
 import argparse
@@ -45,7 +53,7 @@ import model as M
 H100_BF16 = 989e12
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("what", choices=["train", "rollout", "align", "rl"], help="which measurement")
+p.add_argument("what", choices=["train", "rollout", "align", "rl", "pipeline"], help="which measurement")
 p.add_argument("--config", default="4b", choices=list(M.CONFIGS), help="architecture (random weights)")
 p.add_argument("--processor", default="data/shapes/processor", help="any processor dir (special-token ids only)")
 p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
@@ -63,6 +71,9 @@ p.add_argument("--group-size", type=int, default=16, help="align, rl: rollouts p
 p.add_argument("--micro-batch", type=int, default=8, help="align, rl: policy sequences per forward/backward (at most)")
 p.add_argument("--gen-batch", type=int, default=64, help="align, rl: sequences per generation call")
 p.add_argument("--hf-generate", action="store_true", help="align, rl: roll out with generate() instead of the decode loop")
+p.add_argument("--code", default=None, help="pipeline: the code tree whose stage scripts run (default: this one)")
+p.add_argument("--workdir", default="runs/bench-pipeline", help="pipeline: data and stage outputs (reused when present)")
+p.add_argument("--concurrent", type=int, nargs="*", default=[1, 4, 8], help="pipeline: RL runs at once on one GPU")
 p.add_argument("--out", default=None, help="append the result JSON lines to this file")
 args = p.parse_args()
 dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -81,6 +92,82 @@ def bench_image():
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (448, 448, 3), dtype=np.uint8)).save(png, format="PNG")
     return {"bytes": png.getvalue()}
 
+
+if args.what == "pipeline":
+    import statistics
+    import subprocess
+    code = os.path.abspath(args.code or os.path.dirname(os.path.abspath(__file__)))
+    W = os.path.abspath(args.workdir)
+    D = os.path.join(W, "data")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
+
+    def launch(script, *a, log):
+        return subprocess.Popen([sys.executable, os.path.join(code, script), *map(str, a)], cwd=code, env=env,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+    def finish(procs, logs):
+        for proc, log in zip(procs, logs):
+            if proc.wait():
+                raise SystemExit(f"{log} failed:\n" + open(log).read()[-3000:])
+
+    def steps(out, keys):
+        """The stage's per-step time (the sum of `keys`) from its metrics.jsonl, and the records."""
+        recs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if '"eval"' not in x]
+        return [sum(r[k] for k in keys) for r in recs], recs
+
+    def summary(stage, wall, dts, **extra):
+        emit({"what": "pipeline", "stage": stage, "code": code, "device": dev_name, "torch": torch.__version__,
+              "wall_s": wall, "steps": len(dts), "first_step_s": dts[0], "step_s_median": statistics.median(dts[2:] or dts),
+              "overhead_s": wall - sum(dts), **extra})
+
+    if not os.path.isfile(os.path.join(D, "processor", "tokenizer.json")):
+        subprocess.run([sys.executable, os.path.join(code, "data.py"), "--out", D, "--n-sft", "16000", "--n-align", "512",
+                        "--n-rl", "2048", "--n-eval", "400", "--n-hard", "400", "--n-warmup", "64"], check=True, env=env)
+    base, sft = os.path.join(W, "base"), os.path.join(W, "sft")
+    if not os.path.isfile(os.path.join(base, "run_config.json")):
+        subprocess.run([sys.executable, os.path.join(code, "model.py"), "init", "--config", args.config, "--processor",
+                        os.path.join(D, "processor"), "--out", base], check=True, env=env)
+    import shutil
+    for d in ("sft-bench", "rl-bench", "align-bench"):
+        shutil.rmtree(os.path.join(W, d), ignore_errors=True)
+    t0 = time.time()
+    finish([launch("sft.py", "--init", base, "--data", os.path.join(D, "sft.jsonl"), "--out", os.path.join(W, "sft-bench"),
+                   "--steps", 60, "--batch-size", 16, "--micro-batch", 16, "--lr", 3e-4, "--eval-every", 0, "--save-every", 0,
+                   "--max-len", 1024, log=os.path.join(W, "sft.log"))], [os.path.join(W, "sft.log")])
+    dts, recs = steps(os.path.join(W, "sft-bench"), ["dt"])
+    summary("sft", time.time() - t0, dts, tok_s_median=statistics.median(r["tok_s"] for r in recs[2:]))
+    if not os.path.isfile(os.path.join(sft, "run_config.json")):  # the start of RL and alignment: 300 SFT steps
+        finish([launch("sft.py", "--init", base, "--data", os.path.join(D, "sft.jsonl"), "--out", sft, "--steps", 300,
+                       "--batch-size", 16, "--micro-batch", 16, "--lr", 3e-4, "--eval-every", 0, "--save-every", 0,
+                       "--max-len", 1024, log=os.path.join(W, "sft300.log"))], [os.path.join(W, "sft300.log")])
+    game = ["--prompts", 8, "--group-size", 8, "--max-new-tokens", 256, "--save-every", 0]
+    t0 = time.time()
+    out = os.path.join(W, "align-bench")
+    finish([launch("align.py", "--policy", sft, "--disc", f"upcycle:{sft}", "--data", os.path.join(D, "align.parquet"),
+                   "--out", out, "--steps", 10, "--lr", 2e-5, "--disc-lr", 2e-5, *game, log=out + ".log")], [out + ".log"])
+    dts, recs = steps(out, ["t_gen", "t_score", "t_disc", "t_policy"])
+    summary("align", time.time() - t0, dts, **{k: statistics.median(r[k] for r in recs[2:]) for k in
+                                               ("t_gen", "t_score", "t_disc", "t_policy", "length")})
+    t0 = time.time()
+    log = os.path.join(W, "eval.log")
+    finish([launch("eval.py", "--model", sft, "--data", os.path.join(D, "eval.parquet"), "--limit", 400, "--max-new-tokens",
+                   256, "--out", os.path.join(W, "eval-bench.json"), log=log)], [log])
+    r = json.load(open(os.path.join(W, "eval-bench.json")))["results"]["eval"]
+    emit({"what": "pipeline", "stage": "eval", "code": code, "device": dev_name, "wall_s": time.time() - t0,
+          "prompts": r["n"], "t_generate": r.get("t_generate"), "length": r["length"]})
+    for n in args.concurrent:  # n RL runs at once; each run's own step times, summed as a rate
+        outs = [os.path.join(W, f"rl-bench-{n}-{i}") for i in range(n)]
+        for o in outs:
+            shutil.rmtree(o, ignore_errors=True)
+        t0 = time.time()
+        finish([launch("rl.py", "--policy", sft, "--algo", "grpo", "--data", os.path.join(D, "rl.parquet"), "--out", o,
+                       "--steps", 12, "--lr", 3e-5, "--eval-every", 0, "--seed", i, *game, log=o + ".log")
+                for i, o in enumerate(outs)], [o + ".log" for o in outs])
+        per = [steps(o, ["t_gen", "t_logprobs", "t_update"]) for o in outs]
+        dts, recs = per[0]
+        summary("rl", time.time() - t0, dts, concurrent=n, steps_per_s=sum(1 / statistics.median(d[2:]) for d, _ in per),
+                **{k: statistics.median(r[k] for r in recs[2:]) for k in ("t_gen", "t_update", "len_mean")})
+    raise SystemExit(0)
 
 if args.what in ("align", "rl"):
     # the stage's script runs as it is, in this process, on a parquet of --prompts records written here (the same on

@@ -26,6 +26,14 @@ SYSTEM_PROMPT = (
     "style, key objects and text </caption> <think> step-by-step reasoning </think> <answer> the final answer only </answer>"
 )
 IMAGE_MARKER = "<image>"
+# the system prompt the release's discriminator warm-up frames every segment with (moe/train_moe_vl_warmup_fast.py:37-51),
+# character for character: a released discriminator's scores mean what they meant in its training only under it
+RELEASE_WARMUP_SYSTEM_PROMPT = (
+    "You are a helpful scientific assistant.\nAnswer the user's question based on the image provided.\n\nYour output must "
+    "strictly follow this XML format:\n\n<caption>\n- [Briefly describe the image style, key objects, and text using "
+    "bullet points]\n</caption>\n<think>\n[Reason step-by-step to solve the problem]\n</think>\n<answer>\n[Final answer "
+    "ONLY]\n</answer>\n"
+)
 
 # Qwen-style chat template: <|im_start|>role\n content <|im_end|>\n, an image is <|vision_start|><|image_pad|><|vision_end|>
 CHAT_TEMPLATE = (
@@ -64,14 +72,19 @@ class Example:
     teacher_cot: str | None = None
     student_caption: str | None = None
     student_cot: str | None = None
+    teacher_response: str | None = None  # whole responses: alignment parquet, GAD-style warm-up pairs
+    student_response: str | None = None
+    turns: list = field(default_factory=list)  # multi-turn SFT: the (user, assistant) turns after the first
+    data_source: str | None = None
     extra: dict = field(default_factory=dict)
 
 
 # -----------------------------------------------------------------------------
 # images and chat rendering
 
-def load_image(ref, where, max_pixels):
-    """Decode an image ref to RGB, downscaled (aspect kept) so that width * height <= max_pixels."""
+def load_image(ref, where, max_pixels, max_side=None):
+    """Decode an image ref to RGB, downscaled (aspect kept) so that its longer side is at most max_side (when given: the
+    release's warm-up caps it at 560, LANCZOS, sizes floored) and width * height <= max_pixels."""
     try:
         if isinstance(ref, dict) and ref.get("bytes"):
             img = Image.open(io.BytesIO(ref["bytes"]))
@@ -88,6 +101,10 @@ def load_image(ref, where, max_pixels):
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, DecompressionBombError, OSError, ...)
         raise DataError(f"{where}: cannot decode image: {type(e).__name__}: {e}") from None
     w, h = img.size
+    if max_side and max(w, h) > max_side:
+        r = max_side / max(w, h)
+        img = img.resize((int(w * r), int(h * r)), Image.LANCZOS)
+        w, h = img.size
     if w * h > max_pixels:
         s = (max_pixels / (w * h)) ** 0.5
         img = img.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
@@ -111,26 +128,67 @@ def user_content(question, n_images, where):
 
 
 def render_chat(processor, ex, response=None, max_pixels=560 * 560, with_images=True):
-    """Tokenise one chat: system, user (images + question), and optionally the assistant turn `response`.
-    Returns a dict of 1-D tensors input_ids, labels, mm_token_type_ids (L,) and pixel_values (P, D), image_grid_thw (n, 3).
-    labels are -100 except on the response tokens and its end-of-turn token. Without a response the text ends with the
-    assistant header (a generation prompt). with_images=False renders the same chat with no image at all (text-only ablation)."""
+    """Tokenise one chat: system, user (images + question), and optionally the assistant turn `response` (and then the
+    example's further turns, multi-turn SFT). Returns a dict of 1-D tensors input_ids, labels, mm_token_type_ids (L,) and
+    pixel_values (P, D), image_grid_thw (n, 3). labels are -100 except on each assistant turn's tokens and its end-of-turn
+    token. Without a response the text ends with the assistant header (a generation prompt). with_images=False renders
+    the same chat with no image at all (text-only ablation). An assistant turn is tokenised on its own, exactly as a
+    rollout's tokens follow its prompt; the template's text around it is taken turn by turn from apply_chat_template."""
     images = [load_image(r, ex.where, max_pixels) for r in ex.images] if with_images else []
-    question = ex.question if with_images else ex.question.replace(IMAGE_MARKER, "")
+    strip = (lambda t: t) if with_images else (lambda t: t.replace(IMAGE_MARKER, ""))  # noqa: E731
+    users = [strip(ex.question)] + [strip(u) for u, _ in ex.turns]
+    replies = [response] + [a for _, a in ex.turns] if response is not None else []
+    counts = [u.count(IMAGE_MARKER) for u in users]
+    if not any(counts):  # no marker anywhere: the images go before the first question
+        counts[0] = len(images)
+    if sum(counts) != len(images):
+        raise DataError(f"{ex.where}: the chat has {sum(counts)} <image> markers but the record has {len(images)} images")
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
     messages = [{"role": "system", "content": ex.system}] if ex.system else []
-    messages.append({"role": "user", "content": user_content(question, len(images), ex.where)})
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids, labels, mm, pix, grid, done, n_img = [], [], [], [], [], "", 0
+    for k, user in enumerate(users[:max(1, len(replies))]):
+        messages.append({"role": "user", "content": user_content(user, counts[k], ex.where)})
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not text.startswith(done):
+            raise DataError(f"{ex.where}: the chat template does not render this conversation turn by turn (turn {k} "
+                            f"rewrites the earlier ones), so its assistant turns cannot be supervised token by token")
+        enc = processor(text=[text[len(done):]], images=images[n_img:n_img + counts[k]] or None, return_tensors="pt")
+        n_img += counts[k]
+        ids.append(enc["input_ids"][0])
+        labels.append(torch.full_like(ids[-1], -100))
+        mm.append(enc["mm_token_type_ids"][0] if "mm_token_type_ids" in enc else torch.zeros_like(ids[-1]))
+        if "pixel_values" in enc:
+            pix.append(enc["pixel_values"])
+            grid.append(enc["image_grid_thw"])
+        if k < len(replies):
+            r = torch.tensor(tok(replies[k], add_special_tokens=False)["input_ids"] + [eos])
+            ids.append(r)
+            labels.append(r)
+            mm.append(torch.zeros_like(r))
+            messages.append({"role": "assistant", "content": replies[k]})
+            done = text + replies[k] + "<|im_end|>"
+    out = {"input_ids": torch.cat(ids), "labels": torch.cat(labels), "mm_token_type_ids": torch.cat(mm)}
+    if pix:
+        out["pixel_values"], out["image_grid_thw"] = torch.cat(pix), torch.cat(grid)
+    return out
+
+
+def render_segment(processor, ex, segment, system=None, max_pixels=560 * 560, max_side=None, with_images=True):
+    """A segment framed for the discriminator as the release's warm-up frames it: system (`system`, else the record's),
+    user (images + question), assistant = the segment, rendered by the chat template WITHOUT a generation prompt and
+    tokenised whole, so the text ends with the end-of-turn token and the template's newline after it, the position the
+    score is read at. Returns input_ids, mm_token_type_ids (L,) and the images' pixel_values, image_grid_thw."""
+    images = [load_image(r, ex.where, max_pixels, max_side) for r in ex.images] if with_images else []
+    question = ex.question if with_images else ex.question.replace(IMAGE_MARKER, "")
+    messages = [{"role": "system", "content": system or ex.system}] if system or ex.system else []
+    messages += [{"role": "user", "content": user_content(question, len(images), ex.where)},
+                 {"role": "assistant", "content": segment}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     enc = processor(text=[text], images=images or None, return_tensors="pt")
-    ids = enc["input_ids"][0]
-    mm = enc["mm_token_type_ids"][0] if "mm_token_type_ids" in enc else torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    if response is not None:
-        # the response is tokenised on its own, exactly as a rollout's tokens follow the prompt, then the end-of-turn token
-        tok = processor.tokenizer
-        rids = torch.tensor(tok(response, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")])
-        ids, labels = torch.cat([ids, rids]), torch.cat([labels, rids])
-        mm = torch.cat([mm, torch.zeros_like(rids)])
-    out = {"input_ids": ids, "labels": labels, "mm_token_type_ids": mm}
+    out = {"input_ids": enc["input_ids"][0], "mm_token_type_ids": enc["mm_token_type_ids"][0] if "mm_token_type_ids" in enc
+           else torch.zeros_like(enc["input_ids"][0])}
+    out["labels"] = torch.full_like(out["input_ids"], -100)
     if images:
         out["pixel_values"], out["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
     return out
@@ -231,7 +289,11 @@ def iter_records(path):
 
 
 def resolve_image(ref, base, where):
-    """An image ref as written in a data file -> an absolute path or a {bytes, path} dict."""
+    """An image ref as written in a data file -> an absolute path or a {bytes, path} dict. Relative paths resolve against
+    `base` (--image-root, else the data file's folder); URLs are refused (nothing is fetched)."""
+    if isinstance(ref, str) and ref.startswith(("http://", "https://")):
+        raise DataError(f"{where}: image {ref[:80]!r} is a URL; nothing is downloaded: fetch the images, then point "
+                        f"--image-root at their folder")
     if isinstance(ref, str) and ref:
         return ref if os.path.isabs(ref) else os.path.join(base, ref)
     if isinstance(ref, dict) and (ref.get("bytes") or ref.get("path")):
@@ -248,34 +310,48 @@ def need_str(rec, key, where, allow_empty=False):
     return v
 
 
-def parse_sharegpt(rec, base, where):
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def parse_sharegpt(rec, base, where, system):
+    """LLaMA-Factory sharegpt: `messages` (role/content) or `conversations` (from/value), user and assistant turns
+    alternating from a user turn to an assistant turn (every assistant turn is supervised), a system turn or a `system`
+    column, `images` (a list, or one path)."""
     msgs = rec.get("messages")
     if msgs is None and isinstance(rec.get("conversations"), list):  # original sharegpt: from/value, human/gpt
-        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-        msgs = [{"role": role.get(m.get("from"), m.get("from")), "content": m.get("value")} for m in rec["conversations"]
-                if isinstance(m, dict)]
+        msgs = [{"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
+                for m in rec["conversations"] if isinstance(m, dict)]
     if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-        raise DataError(f"{where}: missing 'messages' (a list of {{role, content}})")
-    system = SYSTEM_PROMPT
+        raise DataError(f"{where}: missing 'messages' (a list of {{role, content}}) or 'conversations' (a list of {{from, value}})")
+    if rec.get("system") is not None:
+        system = need_str(rec, "system", where)
     if msgs and msgs[0].get("role") == "system":
         system, msgs = need_str(msgs[0], "content", where), msgs[1:]
-    if [m.get("role") for m in msgs] != ["user", "assistant"]:
-        raise DataError(f"{where}: want one user turn then one assistant turn, got roles {[m.get('role') for m in msgs]}")
+    roles = [m.get("role") for m in msgs]
+    if len(msgs) < 2 or len(msgs) % 2 or roles != ["user", "assistant"] * (len(msgs) // 2):
+        raise DataError(f"{where}: want user and assistant turns alternating, from a user turn to an assistant turn, got "
+                        f"roles {roles} (tool turns such as function_call / observation are not supported)")
     images = rec.get("images") or []
+    images = [images] if isinstance(images, str) else images
     if not isinstance(images, list):
-        raise DataError(f"{where}: 'images' must be a list")
-    return Example(question=need_str(msgs[0], "content", where), images=[resolve_image(r, base, where) for r in images],
-                   where=where, system=system, response=need_str(msgs[1], "content", where))
+        raise DataError(f"{where}: 'images' must be a list or one path")
+    text = [need_str(m, "content", where) for m in msgs]
+    markers = sum(t.count(IMAGE_MARKER) for t in text[0::2])
+    if markers and markers != len(images):
+        raise DataError(f"{where}: the user turns have {markers} <image> markers but the record has {len(images)} images")
+    return Example(question=text[0], images=[resolve_image(r, base, where) for r in images], where=where, system=system,
+                   response=text[1], turns=list(zip(text[2::2], text[3::2])))
 
 
-def parse_prompt(rec, base, where):
-    """The RL/alignment format: prompt (chat list), images, reward_model.ground_truth, extra_info, teacher_* columns."""
+def parse_prompt(rec, base, where, system):
+    """The RL/alignment format: prompt (chat list, its system turn if any), images, reward_model.ground_truth and
+    .equivalent_answers, extra_info, data_source, the teacher_caption / teacher_cot / teacher_response columns."""
     prompt = rec.get("prompt")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
         raise DataError(f"{where}: missing 'prompt' (a list of chat messages)")
-    system = next((need_str(m, "content", where) for m in prompt if m.get("role") == "system"), SYSTEM_PROMPT)
+    system = next((need_str(m, "content", where) for m in prompt if m.get("role") == "system"), system)
     users = [m for m in prompt if m.get("role") == "user"]
     if len(users) != 1:
         raise DataError(f"{where}: 'prompt' must hold exactly one user message, found {len(users)}")
@@ -299,31 +375,48 @@ def parse_prompt(rec, base, where):
     if not isinstance(images, list):
         raise DataError(f"{where}: 'images' must be a list")
     ex = Example(question=need_str(users[0], "content", where), images=[resolve_image(r, base, where) for r in images],
-                 where=where, system=system, answer=answer, equivalents=tuple(eq), extra=extra if isinstance(extra, dict) else {})
-    for k in ("teacher_caption", "teacher_cot"):
+                 where=where, system=system, answer=answer, equivalents=tuple(eq), extra=extra if isinstance(extra, dict) else {},
+                 data_source=rec.get("data_source") if isinstance(rec.get("data_source"), str) else None)
+    for k in ("teacher_caption", "teacher_cot", "teacher_response"):
         if rec.get(k) is not None:
             setattr(ex, k, need_str(rec, k, where))
     user_content(ex.question, len(ex.images), where)  # marker count check now, not deep inside a later stage
     return ex
 
 
-def parse_pair(rec, base, where):
-    """Warm-up pair: prompt (or question), image, teacher_caption, teacher_cot, student_caption, student_cot."""
+def parse_pair(rec, base, where, system):
+    """A warm-up pair (the release's warm-up JSONL): prompt (or question), image (one path, relative to --image-root as
+    the release's IMAGE_BASE_PATH), teacher_caption / teacher_cot / student_caption / student_cot, or, when both teacher
+    segments are empty, a whole-response pair teacher_response / student_response (GAD-style: --disc-segments whole)."""
     q = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
     if not isinstance(q, str) or not q.strip():
         raise DataError(f"{where}: field 'prompt' (or 'question') must be a non-empty string")
-    img = rec.get("image")
+    img = rec.get("image", rec.get("images"))
     images = [] if img is None else [resolve_image(r, base, where) for r in (img if isinstance(img, list) else [img])]
-    return Example(question=q, images=images, where=where,
+    if not (rec.get("teacher_caption") or rec.get("teacher_cot")) and rec.get("teacher_response") is not None:
+        return Example(question=q, images=images, where=where, system=system,
+                       **{k: need_str(rec, k, where) for k in ("teacher_response", "student_response")})
+    return Example(question=q, images=images, where=where, system=system,
                    **{k: need_str(rec, k, where) for k in ("teacher_caption", "teacher_cot", "student_caption", "student_cot")})
 
 
-def read_examples(path, kind, skip_bad=False, require=()):
+def system_prompt(path):
+    """The system prompt for records that carry none: the text of --system-prompt FILE, else SYSTEM_PROMPT."""
+    if path is None:
+        return SYSTEM_PROMPT
+    if not os.path.isfile(path):
+        raise SystemExit(f"--system-prompt {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def read_examples(path, kind, skip_bad=False, require=(), image_root=None, system=SYSTEM_PROMPT):
     """Read a data file as Examples. kind: "sft" (sharegpt), "prompt" (RL/alignment parquet or JSONL), "pair" (warm-up JSONL).
-    `require` names Example fields that must be present (e.g. teacher_caption for alignment).
+    `require` names Example fields that must be present (e.g. teacher_caption for alignment). Relative image paths resolve
+    against `image_root`, else the data file's folder; `system` is the system prompt of records that carry none.
     Returns (examples, skipped) where skipped lists the DataError messages of the records dropped under skip_bad."""
     parse = {"sft": parse_sharegpt, "prompt": parse_prompt, "pair": parse_pair}[kind]
-    base = os.path.dirname(os.path.abspath(path))
+    base = os.path.abspath(image_root) if image_root else os.path.dirname(os.path.abspath(path))
     examples, skipped = [], []
     for i, rec in iter_records(path):
         where = f"{path}:{i}"
@@ -332,7 +425,7 @@ def read_examples(path, kind, skip_bad=False, require=()):
                 raise rec
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
-            ex = parse(rec, base, where)
+            ex = parse(rec, base, where, system)
             for k in require:
                 if getattr(ex, k) is None:
                     raise DataError(f"{where}: missing '{k}'")

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import time
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,7 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
     """Greedy accuracy (+ mean and pass@k over `samples` sampled responses at `temperature` when samples > 0), format rate,
     mean length, drift statistics. Examples are split over ranks; the results are gathered so every rank returns the same."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    t0 = time.time()
     mine = examples[rank::world]
     tok = processor.tokenizer
     prompts = [data.render_chat(processor, ex, None, max_pixels) for ex in mine]
@@ -92,6 +94,7 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
         res[f"pass@{samples}"] = sum(max(r["sample_acc"]) for r in rows) / n
     res.update(drift([r["text"] for r in rows], [r["teacher"] for r in rows if r["teacher"]]))
     res["examples"] = [{k: r[k] for k in ("where", "text", "acc")} for r in rows[:3]]
+    res["t_generate"] = time.time() - t0  # rendering, generation and scoring of this file (seconds)
     return res
 
 
@@ -204,6 +207,10 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples of each file (0: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+    p.add_argument("--image-root", default=None, help="relative image paths resolve against this folder (the release's "
+                       "IMAGE_BASE_PATH), else against the data file's folder")
+    p.add_argument("--system-prompt", default=None, help="a text file: the system prompt of records that carry none "
+                       "(default: data.SYSTEM_PROMPT)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--hf-generate", action="store_true", help="decode with Hugging Face generate() (dynamic cache), the "
                    "readable reference path, instead of the static-cache decode loop (compiled with CUDA graphs on GPUs)")
@@ -224,7 +231,8 @@ if __name__ == "__main__":
     del hf
     results = {}
     for path in args.data:
-        exs, skipped = data.read_examples(path, "prompt", skip_bad=args.skip_bad)
+        exs, skipped = data.read_examples(path, "prompt", skip_bad=args.skip_bad, image_root=args.image_root,
+                                          system=data.system_prompt(args.system_prompt))
         if skipped:
             M.print0(f"skipped {len(skipped)} bad records of {path} (first: {skipped[0]})")
         exs = exs[:args.limit] if args.limit else exs

@@ -5,6 +5,7 @@ Qwen3-VL-MoE + a score head). Generation lives in engine.py.
 
     python model.py init --config tiny --processor data/shapes/processor --out runs/tiny-init    # a random-weight HF dir
     python model.py upcycle --dense runs/x/sft --out runs/x/disc-init --experts 4 --top-k 2 --noise 0.01
+    python model.py export --disc runs/x/align/disc --out runs/x/disc-release    # the release's warm-up layout
 """
 
 import json
@@ -484,8 +485,10 @@ class MaskedRouter(nn.Module):
 
 
 class Discriminator(PreTrainedModel):
-    """Score model: `.model` is a Qwen3-VL(-MoE) trunk, `.score` = Linear(hidden, 1, bias=False) after dropout 0.1.
-    Saves/loads in the released layout (model.* + score.weight); a dense trunk (the 1-expert ablation) works the same."""
+    """Score model: `.model` is a Qwen3-VL(-MoE) trunk, `.score` = Linear(hidden, 1) after dropout 0.1, without bias (the
+    release's MoE head) or with one (its dense head: config.score_bias). Saves as model.* + score.weight (the layout of
+    Qwen3VLMoeForTokenClassification); load_discriminator also reads the release's warm-up layouts; export_release writes
+    them. A dense trunk (the 1-expert ablation) works the same."""
     config_class = Qwen3VLMoeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -500,7 +503,7 @@ class Discriminator(PreTrainedModel):
             config._experts_implementation = None
         self.model = AutoModel.from_config(config)
         self.dropout = nn.Dropout(0.1)
-        self.score = nn.Linear(config.text_config.hidden_size, 1, bias=False)
+        self.score = nn.Linear(config.text_config.hidden_size, 1, bias=getattr(config, "score_bias", False))
         for m in self.model.modules():  # hard routing needs the masked router: same parameters, same output without a mask
             if type(m).__name__ == "Qwen3VLMoeTextTopKRouter":
                 m.__class__ = type("Qwen3VLMoeTextTopKRouter", (MaskedRouter, type(m)), {})
@@ -537,10 +540,62 @@ class Discriminator(PreTrainedModel):
         return scores, aux
 
 
-def load_discriminator(spec, processor, device, experts=4, top_k=2, noise=0.01, seed=0, trust_remote_code=False):
-    """A discriminator from a saved directory (released layout), or upcycled from a dense policy: spec = "upcycle:DIR"
-    (experts > 1) or "dense:DIR" / experts == 1 (the dense-discriminator ablation). fp32 master weights. Refused when its
-    directory's tokenizer or image processor differs from `processor` (the policy's)."""
+def stored_tensors(path):
+    """{tensor name: file} of an HF directory's safetensors (model.safetensors, or the shards of its index)."""
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else ["model.safetensors"]
+    names = {}
+    for f in files:
+        if not os.path.isfile(os.path.join(path, f)):
+            raise SystemExit(f"{path}: {f} not found (weights load from safetensors only)")
+        with safe_open(os.path.join(path, f), "pt") as sf:
+            names.update({k: f for k in sf.keys()})
+    return names
+
+
+def read_head(path, names):
+    """The score head {"weight": (1, H)[, "bias": (1,)]} and where it was found, wherever the release stores it: in the
+    model's safetensors as score.* (ours, and Qwen3VLMoeForTokenClassification's) or v_head.1.* (the release's warm-up,
+    `moe/train_moe_vl_warmup_fast.py`, merges Sequential(Dropout, Linear) there), else beside them in value_head.safetensors
+    or value_head.pt (`moe/extract_value_head.py`, `convert_value_head.py`: v_head.summary.*). (None, None) when absent."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    for pre in ("score", "v_head.1"):
+        if pre + ".weight" in names:
+            head = {}
+            for part in ("weight", "bias"):
+                if f"{pre}.{part}" in names:
+                    with safe_open(os.path.join(path, names[f"{pre}.{part}"]), "pt") as sf:
+                        head[part] = sf.get_tensor(f"{pre}.{part}")
+            return head, f"{pre}.* in {names[pre + '.weight']}"
+    for f in ("value_head.safetensors", "value_head.pt"):
+        if os.path.isfile(os.path.join(path, f)):
+            sd = load_file(os.path.join(path, f)) if f.endswith(".safetensors") else \
+                torch.load(os.path.join(path, f), map_location="cpu", weights_only=True)
+            for pre in ("v_head.summary", "v_head.1", "summary", "score"):
+                if f"{pre}.weight" in sd:
+                    return {part: sd[f"{pre}.{part}"] for part in ("weight", "bias") if f"{pre}.{part}" in sd}, f"{pre}.* in {f}"
+            raise SystemExit(f"{path}/{f}: no head weight in it (keys {sorted(sd)[:8]})")
+    return None, None
+
+
+def summarize_keys(names):
+    """"model.language_model.* (312), model.visual.* (301), lm_head.weight": a key list, grouped, for messages."""
+    groups = {}
+    for k in names:
+        g = ".".join(k.split(".")[:2]) + ".*" if k.count(".") > 1 else k
+        groups[g] = groups.get(g, 0) + 1
+    return ", ".join(f"{g} ({n})" if n > 1 else g for g, n in sorted(groups.items()))
+
+
+def load_discriminator(spec, processor, device, experts=4, top_k=2, noise=0.01, seed=0, trust_remote_code=False,
+                       fresh_head=False):
+    """A discriminator from a saved directory, or upcycled from a dense policy: spec = "upcycle:DIR" (experts > 1) or
+    "dense:DIR" / experts == 1 (the dense-discriminator ablation), with a fresh score head. fp32 master weights.
+    A directory is read in any of the release's layouts (read_head; the experts in transformers 4.57's orientation are
+    transposed on load by transformers' own conversion); it is refused when it has no score head (unless fresh_head),
+    when any other tensor is missing or unexpected, or when its tokenizer or image processor differs from `processor`."""
     spec_dir = spec.split(":", 1)[-1]
     if any(os.path.isfile(os.path.join(spec_dir, f)) for f in ("preprocessor_config.json", "processor_config.json")):
         # the discriminator reads the policy's tokens and pixels: its tokenizer and image processor must be the same
@@ -556,13 +611,75 @@ def load_discriminator(spec, processor, device, experts=4, top_k=2, noise=0.01, 
         torch.manual_seed(seed)
         disc = Discriminator(trunk_model.config)
         disc.model.load_state_dict(trunk_model.model.state_dict(), strict=True)
+        disc.head_source = None
         return disc
     cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     if cfg.model_type not in ("qwen3_vl_moe", "qwen3_vl"):
         raise SystemExit(f"{spec}: model_type {cfg.model_type!r}; the discriminator must be Qwen3-VL or Qwen3-VL-MoE")
     check_vocab(cfg, processor, spec)
-    return Discriminator.from_pretrained(spec, config=cfg, dtype=torch.float32, use_safetensors=True,
-                                         attn_implementation=attn_impl(device))
+    tc = cfg.text_config
+    if getattr(tc, "num_experts", 0) and tc.hidden_size in (tc.moe_intermediate_size, 2 * tc.moe_intermediate_size):
+        # transformers 4.57 stores experts as (E, H, 2I) / (E, I, H), this version as (E, 2I, H) / (E, H, I), and converts by
+        # comparing shapes: with H = I or H = 2I both read the same, so a checkpoint of either age would load silently wrong
+        raise SystemExit(f"{spec}: hidden size {tc.hidden_size} vs expert size {tc.moe_intermediate_size}: the experts' "
+                         f"orientation cannot be told from their shapes; transpose them by hand for this transformers")
+    names = stored_tensors(spec)
+    head, where = read_head(spec, names)
+    if head is None and not fresh_head:
+        raise SystemExit(f"{spec}: no score head: looked for score.weight and v_head.1.weight in its safetensors and for "
+                         f"value_head.safetensors / value_head.pt beside them; it holds {summarize_keys(names)}. "
+                         f"Pass --disc-fresh-head to start from a random head (e.g. an upcycled model never warmed up)")
+    cfg.score_bias = head is not None and "bias" in head
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its "newly initialized: score.weight" is about the head, loaded just below
+    try:
+        disc, info = Discriminator.from_pretrained(spec, config=cfg, dtype=torch.float32, use_safetensors=True,
+                                                   attn_implementation=attn_impl(device), output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith("v_head.") and k != "lm_head.weight"]
+    if missing or unexpected or info.get("mismatched_keys"):
+        raise SystemExit(f"{spec}: its tensors do not fit a Qwen3-VL discriminator: missing {missing[:6]}, unexpected "
+                         f"{unexpected[:6]}, mismatched {list(info.get('mismatched_keys') or [])[:6]}")
+    if head is None:
+        print0(f"{spec}: a fresh random score head (--disc-fresh-head)")
+    else:
+        with torch.no_grad():
+            disc.score.weight.copy_(head["weight"].reshape(disc.score.weight.shape))
+            if "bias" in head:
+                disc.score.bias.copy_(head["bias"].reshape(disc.score.bias.shape))
+        print0(f"{spec}: score head from {where}" + (" (the language-model output layer it also holds is not part of a "
+               "discriminator: not loaded)" if "lm_head.weight" in info["unexpected_keys"] else ""))
+    disc.head_source = where  # "v_head.1.* in ...": the release's warm-up wrote it (its framing applies: align.py)
+    return disc
+
+
+def export_release(disc, processor, out):
+    """Write a discriminator in the layout of the release's warm-up output, for its verl code: the trunk's tensors with the
+    experts in transformers 4.57's orientation (gate_up_proj (E, H, 2I), down_proj (E, I, H)) and the head merged as
+    v_head.1.weight (+ bias), value_head.pt beside them (v_head.summary.*), config.json, the processor. Rank 0 only."""
+    from safetensors.torch import save_file
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in disc.state_dict().items()}
+    out_sd = {}
+    for k, v in sd.items():
+        if k.startswith("score."):
+            out_sd["v_head.1." + k.split(".", 1)[1]] = v
+        elif k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):  # ours (E, 2I, H) / (E, H, I): transpose
+            out_sd[k] = v.transpose(1, 2).contiguous()
+        else:
+            out_sd[k] = v
+    os.makedirs(out, exist_ok=True)
+    save_file(out_sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    torch.save({"v_head.summary." + k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("score.")},
+               os.path.join(out, "value_head.pt"))
+    cfg = disc.config.to_dict()
+    cfg["architectures"] = ["Qwen3VLMoeForConditionalGeneration" if cfg.get("model_type") == "qwen3_vl_moe" else
+                            "Qwen3VLForConditionalGeneration"]
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, default=str)
+    processor.save_pretrained(out)
 
 
 if __name__ == "__main__":
@@ -583,12 +700,19 @@ if __name__ == "__main__":
     q.add_argument("--noise", type=float, default=0.01, help="std of the noise added to each expert copy")
     q.add_argument("--seed", type=int, default=0, help="noise, router and score-head seed")
     q.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from --dense")
+    q = sub.add_parser("export", help="a discriminator directory -> the release's warm-up layout (v_head.1.weight merged, "
+                                      "value_head.pt, experts in transformers 4.57's orientation) for its verl code")
+    q.add_argument("--disc", required=True, help="a discriminator directory (warmup.py / align.py output)")
+    q.add_argument("--out", required=True, help="output directory")
     a = p.parse_args()
     init_dist()
     if a.cmd == "init":
         proc = load_processor(a.processor)
         os.makedirs(a.out, exist_ok=True)
         save_hf(load_policy(a.config, proc, torch.device("cpu"), seed=a.seed), proc, a.out, {"stage": "init", **vars(a)})
+    elif a.cmd == "export":
+        proc = load_processor(a.disc)
+        export_release(load_discriminator(a.disc, proc, torch.device("cpu")), proc, a.out)
     else:
         proc = load_processor(a.dense)
         disc = load_discriminator(("upcycle:" if a.experts > 1 else "dense:") + a.dense, proc, torch.device("cpu"), a.experts,

@@ -242,6 +242,10 @@ if __name__ == "__main__":
     p.add_argument("--max-pixels", type=int, default=560 * 560, help="images are downscaled to at most this many pixels")
     p.add_argument("--max-prompt-len", type=int, default=2048, help="drop (and count) prompts longer than this, images included")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+    p.add_argument("--image-root", default=None, help="relative image paths resolve against this folder (the release's "
+                       "IMAGE_BASE_PATH), else against the data file's folder")
+    p.add_argument("--system-prompt", default=None, help="a text file: the system prompt of records that carry none "
+                       "(default: data.SYSTEM_PROMPT)")
     # rollouts
     p.add_argument("--prompts", type=int, default=32, help="prompts per step (global); each has --group-size rollouts")
     p.add_argument("--group-size", type=int, default=16, help="rollouts per prompt (G)")
@@ -304,13 +308,15 @@ if __name__ == "__main__":
         raise SystemExit(f"--prompts x --group-size ({P * G}) must split into {world} ranks x {args.mini_batches} mini-batches")
     P_rank = P // world
 
-    prompts, skipped = data.read_examples(args.data, "prompt", skip_bad=args.skip_bad)
+    read = lambda f: data.read_examples(f, "prompt", skip_bad=args.skip_bad, image_root=args.image_root,  # noqa: E731
+                                        system=data.system_prompt(args.system_prompt))
+    prompts, skipped = read(args.data)
     if skipped:
         M.print0(f"skipped {len(skipped)} bad records of {args.data} (first: {skipped[0]})")
     prompts, n_long = data.drop_long_prompts(processor, prompts, args.max_prompt_len, args.max_pixels)
     if not prompts:
         raise SystemExit(f"{args.data}: every prompt is longer than --max-prompt-len {args.max_prompt_len}")
-    evals = {os.path.basename(f).rsplit(".", 1)[0]: data.read_examples(f, "prompt", skip_bad=args.skip_bad)[0]
+    evals = {os.path.basename(f).rsplit(".", 1)[0]: read(f)[0]
              for f in args.eval_data}
     evals = {k: v[:args.eval_limit] if args.eval_limit else v for k, v in evals.items()}
 

@@ -36,6 +36,10 @@ p.add_argument("--val-size", type=int, default=128, help="examples held out from
 p.add_argument("--max-len", type=int, default=8192, help="drop (and count) examples longer than this many tokens; never truncate")
 p.add_argument("--max-pixels", type=int, default=560 * 560, help="images are downscaled to at most this many pixels")
 p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+p.add_argument("--image-root", default=None, help="relative image paths resolve against this folder (the release's "
+               "IMAGE_BASE_PATH), else against the data file's folder")
+p.add_argument("--system-prompt", default=None, help="a text file: the system prompt of records that carry none "
+               "(default: data.SYSTEM_PROMPT)")
 # optimisation
 p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: derive from --epochs)")
 p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
@@ -64,7 +68,8 @@ pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
 # -----------------------------------------------------------------------------
 # data: read and validate every record up front (errors name file and record); images decode lazily per batch
 
-examples, skipped = data.read_examples(args.data, "sft", skip_bad=args.skip_bad)
+examples, skipped = data.read_examples(args.data, "sft", skip_bad=args.skip_bad, image_root=args.image_root,
+                                       system=data.system_prompt(args.system_prompt))
 if skipped:
     M.print0(f"skipped {len(skipped)} bad records of {args.data} (first: {skipped[0]})")
 if len(examples) <= args.val_size:

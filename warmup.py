@@ -44,6 +44,10 @@ p.add_argument("--max-new-tokens", type=int, default=6144, help="with --policy: 
 p.add_argument("--gen-batch", type=int, default=64, help="with --policy: sequences per generation call")
 p.add_argument("--hf-generate", action="store_true", help="with --policy: roll out with Hugging Face generate()")
 p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+p.add_argument("--image-root", default=None, help="relative image paths resolve against this folder (the release's "
+               "IMAGE_BASE_PATH), else against the data file's folder")
+p.add_argument("--system-prompt", default=None, help="a text file: the system prompt of records that carry none "
+               "(default: data.SYSTEM_PROMPT)")
 # optimisation
 p.add_argument("--epochs", type=float, default=1.0, help="passes over the warm-up pairs")
 p.add_argument("--batch-size", type=int, default=128, help="pairs per optimizer step (global)")
@@ -73,12 +77,13 @@ disc, framing, E = align.setup_discriminator(args, processor, device)
 # the pairs: (prompt, teacher segments, student segments)
 
 if args.data:
-    pairs, skipped = data.read_examples(args.data, "pair", skip_bad=args.skip_bad)
+    pairs, skipped = data.read_examples(args.data, "pair", skip_bad=args.skip_bad, image_root=args.image_root,
+                                        system=data.system_prompt(args.system_prompt))
 else:  # one rollout of the policy per prompt, paired with the prompt's teacher columns (valid rollouts only)
     infer = engine.make_inference_copy(M.load_policy(args.policy, processor, device, seed=args.seed,
                                                      trust_remote_code=args.trust_remote_code), device)
-    exs, skipped = data.read_examples(args.prompts, "prompt", skip_bad=args.skip_bad,
-                                      require=("teacher_caption", "teacher_cot"))
+    exs, skipped = data.read_examples(args.prompts, "prompt", skip_bad=args.skip_bad, require=("teacher_caption",
+                                      "teacher_cot"), image_root=args.image_root, system=data.system_prompt(args.system_prompt))
     mine = exs[rank::world]
     outs = engine.generate(infer, [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine], tok, device,
                            args.max_new_tokens, args.temperature, 1.0, args.gen_batch, args.hf_generate)
@@ -96,6 +101,10 @@ else:  # one rollout of the policy per prompt, paired with the prompt's teacher 
     M.print0(f"built {len(pairs)} warm-up pairs from {len(exs)} policy rollouts (format-valid ones)")
 if skipped:
     M.print0(f"skipped {len(skipped)} bad records (first: {skipped[0]})")
+if mode == "split" and any(q.teacher_response is not None for q in pairs):
+    q = next(q for q in pairs if q.teacher_response is not None)
+    raise SystemExit(f"{q.where}: a whole-response pair (teacher_response / student_response): the perception and reasoning "
+                     f"channels need caption / cot pairs; train a one-channel discriminator with --disc-segments whole")
 if len(pairs) <= args.val:
     raise SystemExit(f"{len(pairs)} warm-up pairs: not enough for --val {args.val}")
 val, train = pairs[-args.val:], pairs[:-args.val]
@@ -114,9 +123,12 @@ def pair_seqs(prs):
     """The sequences of a list of pairs, per pair and channel: the teacher's segment, then the student's."""
     seqs = []
     for q in prs:
-        t, s = (q.teacher_caption, q.teacher_cot), (q.student_caption, q.student_cot)
-        if mode == "whole":
-            t, s = (t[0] + "\n" + t[1],), (s[0] + "\n" + s[1],)
+        if q.teacher_response is not None:  # a whole-response pair (GAD-style)
+            t, s = (q.teacher_response,), (q.student_response,)
+        else:
+            t, s = (q.teacher_caption, q.teacher_cot), (q.student_caption, q.student_cot)
+            if mode == "whole":
+                t, s = (t[0] + "\n" + t[1],), (s[0] + "\n" + s[1],)
         for c in range(len(t)):
             seqs += [align.Seq(q, t[c], channels[c]), align.Seq(q, s[c], channels[c])]
     return seqs
@@ -201,6 +213,7 @@ for step in range(start, steps + 1):
     bar.update()
 bar.close()
 
+align.save_framing(framing, args.out)  # before save_hf, whose run_config.json marks the save complete
 M.save_hf(disc, processor, args.out, {"stage": "disc-warmup", **vars(args), "val": evaluate(), "skipped_steps": n_skipped})
 M.print0(f"saved the discriminator to {args.out}")
 dist.destroy_process_group()

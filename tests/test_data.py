@@ -241,3 +241,111 @@ def test_image_bytes_and_relative_paths(tmp_path, processor):
     exs = data.read_examples(dicts, "prompt")[0] + data.read_examples(paths, "prompt")[0]
     grids = [data.render_chat(processor, ex)["image_grid_thw"].tolist() for ex in exs]
     assert grids[0] == [[1, 2, 2]] and grids[1] == grids[2] == [[1, 2, 4]]  # 32 x 64 px -> 2 x 4 patches of 16
+
+
+# -----------------------------------------------------------------------------
+# the release's other schemas: LLaMA-Factory sharegpt, warm-up pairs, teacher_response; images under an image root
+
+def test_sharegpt_multi_turn_system_column_one_image_string_and_image_root(tmp_path, processor):
+    """LLaMA-Factory sharegpt as it comes: `conversations` with from/value, several turns (every assistant turn is
+    supervised), a `system` column, `images` as one string relative to a media folder (--image-root)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(media / "g.png")
+    rec = {"conversations": [{"from": "human", "value": "<image>What colour?"}, {"from": "gpt", "value": "green"},
+                             {"from": "human", "value": "And its shape?"}, {"from": "gpt", "value": "a square"}],
+           "system": "Answer briefly.", "images": "g.png"}
+    path = tmp_path / "sft" / "d.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(data.DataError, match="image not found"):  # relative to the data file's folder by default
+        data.render_chat(processor, data.read_examples(str(path), "sft")[0][0], "x")
+    (ex,), _ = data.read_examples(str(path), "sft", image_root=str(media))
+    assert ex.system == "Answer briefly." and ex.images == [str(media / "g.png")]
+    assert ex.response == "green" and ex.turns == [("And its shape?", "a square")]
+    it = data.render_chat(processor, ex, ex.response)
+    tok = processor.tokenizer
+    sup = it["labels"] != -100
+    # the supervised tokens are exactly the two assistant turns, each with its end-of-turn token
+    runs, cur = [], []
+    for i in range(len(sup)):
+        if sup[i]:
+            cur.append(int(it["labels"][i]))
+        elif cur:
+            runs, cur = runs + [cur], []
+    runs += [cur] if cur else []
+    assert [tok.decode(r) for r in runs] == ["green<|im_end|>", "a square<|im_end|>"]
+    # the whole text is the chat template's, turn for turn
+    want = processor.apply_chat_template([{"role": "system", "content": "Answer briefly."},
+                                          {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+                                          {"role": "assistant", "content": "green"}, {"role": "user", "content": "And its shape?"},
+                                          {"role": "assistant", "content": "a square"}], tokenize=False)
+    text = tok.decode(it["input_ids"]).replace("<|image_pad|>" * int(it["image_grid_thw"].prod() // 4), "<|image_pad|>")
+    assert text == want.rstrip("\n")
+
+
+@pytest.mark.parametrize("rec,msg", [
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f()"}]}, "tool turns"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                   {"role": "user", "content": "q2"}]}, "alternating, from a user turn to an assistant turn"),
+    ({"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"},
+                   {"role": "user", "content": "<image>r"}, {"role": "assistant", "content": "b"}], "images": ["a.png"]},
+     "2 <image> markers but the record has 1 images"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "images": ["https://example.com/a.png"]}, "is a URL; nothing is downloaded"),
+])
+def test_bad_sharegpt_records_name_what_to_change(tmp_path, rec, msg):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(data.DataError, match=rf"d\.jsonl:0: .*{msg}"):
+        data.read_examples(str(path), "sft")
+
+
+def test_warmup_pairs_under_an_image_root_and_whole_response_pairs(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "p.png")
+    rows = [{"prompt": "How many?", "image": "p.png", "teacher_caption": "<caption>a</caption>", "teacher_cot": "t",
+             "student_caption": "<caption>b</caption>", "student_cot": "s"},
+            {"question": "How many?", "image": "p.png", "teacher_caption": "", "teacher_cot": "",
+             "teacher_response": "T whole", "student_response": "S whole"}]
+    path = tmp_path / "pairs" / "w.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    split, whole = data.read_examples(str(path), "pair", image_root=str(root))[0]
+    assert split.images == [str(root / "p.png")] and split.student_cot == "s" and split.teacher_response is None
+    assert (whole.teacher_response, whole.student_response, whole.teacher_caption) == ("T whole", "S whole", None)
+
+
+def test_alignment_rows_keep_teacher_response_and_data_source(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    row = {**good_prompt_row("a.png"), "data_source": "mm_gad", "teacher_caption": "<caption>c</caption>",
+           "teacher_cot": "<think>t</think><answer>2</answer>", "teacher_response": "<caption>c</caption><think>t</think>"
+           "<answer>2</answer>"}
+    write_parquet(str(tmp_path / "a.parquet"), [row])
+    (ex,), _ = data.read_examples(str(tmp_path / "a.parquet"), "prompt", system="custom system")
+    assert ex.data_source == "mm_gad" and ex.teacher_response == row["teacher_response"]
+    assert ex.system == "custom system"  # the record carries no system turn: the --system-prompt one
+
+
+def test_a_prompt_with_two_images_renders_collates_and_rolls_out(tmp_path, processor):
+    """Several images per prompt, end to end: the reader, render_chat (both images' tokens, in order), collate (their
+    pixels concatenated in batch order), the decode loop (the M-RoPE positions of two images) against generate()."""
+    import engine
+    import model as M
+    for name, col in (("r.png", (200, 10, 10)), ("b.png", (10, 10, 200))):
+        Image.new("RGB", (64, 32), col).save(tmp_path / name)
+    row = {"prompt": [{"role": "user", "content": "<image> left, <image> right: which is red?"}],
+           "images": ["r.png", "b.png"], "reward_model": {"ground_truth": "left"}}
+    write_parquet(str(tmp_path / "two.parquet"), [row])
+    (ex,), _ = data.read_examples(str(tmp_path / "two.parquet"), "prompt")
+    it = data.render_chat(processor, ex)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert it["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 4]] and int((it["input_ids"] == pad).sum()) == 4
+    single = data.render_chat(processor, data.Example(question="<image> a", images=[str(tmp_path / "b.png")], where="x"))
+    b = data.collate([it, single], 0)
+    assert b["pixel_values"].shape[0] == it["pixel_values"].shape[0] + single["pixel_values"].shape[0]
+    assert torch.equal(b["pixel_values"][:it["pixel_values"].shape[0]], it["pixel_values"])
+    infer = engine.make_inference_copy(M.load_policy("tiny", processor, torch.device("cpu"), seed=1), torch.device("cpu"))
+    a = engine.generate(infer, [it, single], processor.tokenizer, "cpu", 8, temperature=0, hf=True)
+    assert engine.generate(infer, [it, single], processor.tokenizer, "cpu", 8, temperature=0) == a

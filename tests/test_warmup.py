@@ -20,3 +20,5 @@ def test_warmup_reaches_held_out_pair_accuracy(tmp_path):
     val = json.load(open(os.path.join(out, "run_config.json")))["val"]
     assert val["cap_acc"] >= 0.9 and val["cot_acc"] >= 0.9, val
     assert M.Discriminator.from_pretrained(out).config.text_config.num_experts == 4
+    # the framing its scores were trained under, stored beside it for the game: our own (the records' system prompt)
+    assert json.load(open(os.path.join(out, "framing.json"))) == {"system": None, "max_pixels": 560 * 560, "max_side": None}
