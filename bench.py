@@ -140,18 +140,20 @@ if args.what == "pipeline":
         finish([launch("sft.py", "--init", base, "--data", os.path.join(D, "sft.jsonl"), "--out", sft, "--steps", 300,
                        "--batch-size", 16, "--micro-batch", 16, "--lr", 3e-4, "--eval-every", 0, "--save-every", 0,
                        "--max-len", 1024, log=os.path.join(W, "sft300.log"))], [os.path.join(W, "sft300.log")])
-    game = ["--prompts", 8, "--group-size", 8, "--max-new-tokens", 256, "--save-every", 0]
+    game = ["--prompts", 8, "--group-size", 8, "--max-new-tokens", 256, "--save-every", 0, "--micro-batch", 64,
+            "--micro-tokens", 65536]  # run.sh's GPU settings
     t0 = time.time()
     out = os.path.join(W, "align-bench")
     finish([launch("align.py", "--policy", sft, "--disc", f"upcycle:{sft}", "--data", os.path.join(D, "align.parquet"),
-                   "--out", out, "--steps", 10, "--lr", 2e-5, "--disc-lr", 2e-5, *game, log=out + ".log")], [out + ".log"])
+                   "--out", out, "--steps", 10, "--lr", 2e-5, "--disc-lr", 2e-5, "--disc-micro", 128, *game,
+                   log=out + ".log")], [out + ".log"])
     dts, recs = steps(out, ["t_gen", "t_score", "t_disc", "t_policy"])
     summary("align", time.time() - t0, dts, **{k: statistics.median(r[k] for r in recs[2:]) for k in
                                                ("t_gen", "t_score", "t_disc", "t_policy", "length")})
     t0 = time.time()
     log = os.path.join(W, "eval.log")
     finish([launch("eval.py", "--model", sft, "--data", os.path.join(D, "eval.parquet"), "--limit", 400, "--max-new-tokens",
-                   256, "--out", os.path.join(W, "eval-bench.json"), log=log)], [log])
+                   256, "--batch-size", 400, "--out", os.path.join(W, "eval-bench.json"), log=log)], [log])
     r = json.load(open(os.path.join(W, "eval-bench.json")))["results"]["eval"]
     emit({"what": "pipeline", "stage": "eval", "code": code, "device": dev_name, "wall_s": time.time() - t0,
           "prompts": r["n"], "t_generate": r.get("t_generate"), "length": r["length"]})

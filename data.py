@@ -194,12 +194,43 @@ def render_segment(processor, ex, segment, system=None, max_pixels=560 * 560, ma
     return out
 
 
+def image_size(ref, where, max_pixels):
+    """(width, height) of an image after load_image's downscaling, from its header alone (verified, not decoded)."""
+    try:
+        img = Image.open(io.BytesIO(ref["bytes"])) if isinstance(ref, dict) and ref.get("bytes") else \
+            Image.open(ref["path"] if isinstance(ref, dict) else ref)
+        w, h = img.size
+        img.verify()  # a truncated or corrupt file fails here, at start-up, not in the middle of training
+    except Exception:
+        load_image(ref, where, max_pixels)  # the same error message as rendering would give
+        raise
+    if w * h > max_pixels:
+        s = (max_pixels / (w * h)) ** 0.5
+        w, h = max(1, int(w * s)), max(1, int(h * s))
+    return w, h
+
+
+def prompt_length(processor, ex, max_pixels=560 * 560):
+    """The token count of render_chat(processor, ex) without decoding or processing an image: the chat text's tokens with
+    one image placeholder each, plus each image's merged patches (the image processor's own resize) minus that one."""
+    messages = [{"role": "system", "content": ex.system}] if ex.system else []
+    messages.append({"role": "user", "content": user_content(ex.question, len(ex.images), ex.where)})
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ip = processor.image_processor
+    n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    for ref in ex.images:
+        w, h = image_size(ref, ex.where, max_pixels)
+        n += ip.get_number_of_image_patches(h, w, {}) // ip.merge_size ** 2 - 1
+    return n
+
+
 def drop_long_prompts(processor, examples, max_len, max_pixels=560 * 560):
-    """(the examples whose rendered prompt, images included, has at most max_len tokens, how many were dropped).
-    Over-long prompts are dropped and counted up front (every rank decides the same), never truncated."""
+    """(the examples whose prompt, images included, has at most max_len tokens, how many were dropped). Over-long prompts
+    are dropped and counted up front (every rank decides the same), never truncated; the lengths come from prompt_length
+    (image headers only), so a start-up over thousands of prompts takes seconds."""
     from tqdm import tqdm
     kept = [ex for ex in tqdm(examples, desc="prompt lengths", leave=False, disable=len(examples) < 1000)
-            if len(render_chat(processor, ex, None, max_pixels)["input_ids"]) <= max_len]
+            if prompt_length(processor, ex, max_pixels) <= max_len]
     return kept, len(examples) - len(kept)
 
 

@@ -101,6 +101,7 @@ def cuda_graph(fn):
 
 
 _side_stream = _compiled_step = None
+COMPILE_MIN_WIDTH_X_DEPTH = 2048 * 16  # hidden size x layers from which the decode step is compiled (small: 512 x 8)
 
 
 def kv_cache_bytes(text_cfg, batch, slots, dtype):
@@ -110,9 +111,9 @@ def kv_cache_bytes(text_cfg, batch, slots, dtype):
 
 @torch.no_grad()
 def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1.0, top_p=1.0, check_every=16):
-    """The fast rollout path: one prefill, then a decode loop over a static KV cache (on a GPU the step is compiled and
-    replayed as a CUDA graph; attention reads each K/V head once, gqa_decode_attention); sampling stays on the device
-    and the host looks at the `done` flags only every `check_every` steps (early exit once every sequence has ended).
+    """The fast rollout path: one prefill, then a decode loop over a static KV cache (on a GPU the step is replayed as a
+    CUDA graph, compiled first for large models; attention reads each K/V head once, gqa_decode_attention); sampling stays
+    on the device and the host looks at the `done` flags only every `check_every` steps (early exit once all have ended).
     The cache and the graph live for this call alone: between rollout phases their memory (16 rows x 8.4k slots of the 4B
     are 20 GB) goes back to training. Greedy output equals generate()'s (tested).
     batch: collate(left=True) output. Returns the new tokens (B, n <= max_new_tokens), `pad` after each sequence's eos, and
@@ -139,12 +140,15 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
     slot = torch.full((1,), L, dtype=torch.long, device=device)  # advanced on the device: no host copy per step
     delta = torch.zeros(B, 1, dtype=torch.long, device=device)
     attn, text_cfg._attn_implementation = text_cfg._attn_implementation, "gqa_decode"  # this call only (not generate())
+    # compile the step only where the kernels' work outweighs their launches (the 4B: fused norms and rotary pay, ~80 s of
+    # compilation per shape); a small model's step is launch-bound, and the CUDA graph alone removes the launches
+    compiled = cuda and text_cfg.hidden_size * text_cfg.num_hidden_layers >= COMPILE_MIN_WIDTH_X_DEPTH
     try:
         trunk_ = infer.model
-        if cuda and _compiled_step is None:
+        if compiled and _compiled_step is None:
             torch._dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length): a few per stage
             _compiled_step = torch.compile(decode_step, dynamic=False)
-        step = partial(_compiled_step if cuda else decode_step, trunk_.language_model, infer.lm_head, tok, slot, delta,
+        step = partial(_compiled_step if compiled else decode_step, trunk_.language_model, infer.lm_head, tok, slot, delta,
                        mask, cache, temperature, top_p, ban)
         if cuda:  # capture before the prefill: the warm-up writes a step into the cache, which reset() then clears
             cache.early_initialization(B, text_cfg.num_key_value_heads, text_cfg.head_dim, infer.dtype, device)

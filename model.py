@@ -195,6 +195,7 @@ def shard(model, device, freeze_vision=False, grad_ckpt=False, compile=False):
       1. freeze (requires_grad) before sharding: FSDP2 groups parameters per module and keeps the flag of each;
       2. activation checkpointing on the plain HF blocks, so the checkpointed region is the block FSDP then wraps;
       3. fully_shard each vision block and decoder block (one all-gather per block), then the root (embeddings, output layer);
+         with one process only the root (per-block groups would cost a reduction each per step, for no memory saved);
       4. compile each decoder block after wrapping, so the compiled graph runs inside FSDP's pre/post-forward hooks;
       5. the gradient contract: FSDP2 would divide the reduced gradient by the world size; we turn that off and reduce with a
          plain SUM, because every loss in this repository is already divided by a GLOBAL count (all ranks, all micro-batches
@@ -210,13 +211,15 @@ def shard(model, device, freeze_vision=False, grad_ckpt=False, compile=False):
     if grad_ckpt:  # 2
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else \
         MixedPrecisionPolicy()
     model.to(device)
-    for block in list(trunk(model).visual.blocks) + list(trunk(model).language_model.layers):  # 3
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if world > 1:  # 3: per block (with one process there is nothing to gather: the root alone, one group to reduce)
+        for block in list(trunk(model).visual.blocks) + list(trunk(model).language_model.layers):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=world > 1)
     if compile:  # 4: one compiled graph serves every block (fused norms, rotary, SwiGLU)
         for block in trunk(model).language_model.layers:
             block.compile()
@@ -260,6 +263,51 @@ def model_inputs(batch, device):
     return {k: batch[k].to(device) for k in keys if k in batch}
 
 
+PACKED_VISION_MAX_PATCHES = 4096  # up to this many patches per batch, the vision attention runs as one masked call
+
+
+def packed_vision_attention(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """Qwen3-VL's vision attention over all the images of a batch in one SDPA call, a block-diagonal mask keeping each
+    image's patches to themselves. transformers' SDPA path splits the batch per image (with a host sync, .tolist()) and runs
+    one attention each: at the miniature's 16-64 small images per batch, a GPU idle between dozens of tiny kernels per
+    layer. hidden_states (N, D) patches of all images; cu_seqlens (n_images + 1,) their boundaries. Larger batches (or a
+    flash-attention model) take transformers' own path."""
+    n = hidden_states.shape[0]
+    if n > PACKED_VISION_MAX_PATCHES or self.config._attn_implementation != "sdpa":
+        return type(self)._transformers_forward(self, hidden_states, cu_seqlens, position_embeddings, **kwargs)
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, h, d) each
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    image = torch.bucketize(torch.arange(n, device=q.device), cu_seqlens[1:], right=True)  # (N,) each patch's image
+    mask = (image[:, None] == image[None, :])[None, None]  # (1, 1, N, N)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0,
+                                         scale=self.scaling)  # (1, h, N, d)
+    return self.proj(out[0].transpose(0, 1).reshape(n, -1))
+
+
+def use_packed_vision_attention():
+    """Route Qwen3-VL(-MoE) vision attention through packed_vision_attention (idempotent)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionAttention
+    for cls in (Qwen3VLVisionAttention, Qwen3VLMoeVisionAttention):
+        if not hasattr(cls, "_transformers_forward"):
+            cls._transformers_forward, cls.forward = cls.forward, packed_vision_attention
+
+
+use_packed_vision_attention()
+
+
+def rope_positions(t, batch, device):
+    """The M-RoPE positions (3, B, T) of a batch with images, computed on the host from its CPU tensors (the trunk's own
+    get_rope_index loops over samples and images with a host sync each on GPU tensors); None without images."""
+    if "pixel_values" not in batch:
+        return None
+    pos, _ = t.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                              image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    return pos.to(device)
+
+
 def hidden_states(model, batch, device):
     """Last hidden states (B, T, H) of the trunk, with the processor's M-RoPE positions (computed from mm_token_type_ids)."""
     t = trunk(model)
@@ -272,7 +320,8 @@ def hidden_states(model, batch, device):
         pix = torch.zeros(4, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, device=device)
         out = t.visual(pix.to(t.visual.dtype), grid_thw=torch.tensor([[1, 2, 2]], device=device))
         tie = 0.0 * (out.pooler_output.sum() + sum(d.sum() for d in out.deepstack_features))
-    return t(**model_inputs(batch, device), use_cache=False).last_hidden_state + tie
+    out = t(**model_inputs(batch, device), position_ids=rope_positions(t, batch, device), use_cache=False)
+    return out.last_hidden_state + tie
 
 
 def chunk_logprobs(h, weight, targets, temperature=1.0):
@@ -526,7 +575,8 @@ class Discriminator(PreTrainedModel):
                 r.mask = flat
         try:
             kw = {"output_router_logits": True} if with_aux and routers else {}
-            out = self.model(**model_inputs(batch, device), use_cache=False, **kw)
+            out = self.model(**model_inputs(batch, device), position_ids=rope_positions(self.model, batch, device),
+                             use_cache=False, **kw)
         finally:
             for r in routers:
                 r.mask = None

@@ -33,13 +33,16 @@ mkdir -p "$RUN"
 # The CPU warm-up is short (6 steps) and the game's discriminator lr high: a full warm-up saturates on this easy world, and
 # the score gap could then only fall; a partly trained discriminator keeps learning first (the gap rises), then the policy
 # closes it, as in the paper's curves.
-ALIGN_LR=2e-5; DISC_LR=2e-5; RL_LR=2e-5
+ALIGN_LR=2e-5; DISC_LR=2e-5; RL_LR=2e-5; UPDATE_ARGS=""; RL_UPDATE_ARGS=""; EVAL_BATCH=64
 if [ "$QUICK" = 1 ]; then
   DATA_ARGS="--n-sft 600 --n-align 32 --n-rl 64 --n-eval 32 --n-hard 32 --n-warmup 96"
   SFT_STEPS=40; WARM_EPOCHS=1; ALIGN_STEPS=3; RL_STEPS=3; EVAL_N=32; G=4; P=4; TEMP=0.7
 elif [ "$GPU" = 1 ]; then
   DATA_ARGS="--n-sft 16000 --n-align 512 --n-rl 2048 --n-eval 400 --n-hard 400 --n-warmup 2048"
   SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=40; EVAL_N=400; G=8; P=8; TEMP=1.0; RL_LR=3e-5
+  # a 34M model's whole rollout batch fits one forward: few, large micro-batches keep the GPU busy
+  UPDATE_ARGS="--micro-batch 64 --micro-tokens 65536 --disc-micro 128"; RL_UPDATE_ARGS="--micro-batch 64 --micro-tokens 65536"
+  EVAL_BATCH=400
 else
   DATA_ARGS=""
   SFT_STEPS=600; WARM_EPOCHS=0.1; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=200; G=8; P=4; TEMP=0.7; DISC_LR=1e-4
@@ -78,7 +81,7 @@ done_ "$RUN/disc" || launch warmup.py --disc "upcycle:$RUN/sft" --data "$DATA/wa
 say "stage 2: alignment -> $RUN/align"
 done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --data "$DATA/align.parquet" \
   --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$ALIGN_LR" \
-  --disc-lr "$DISC_LR" --temperature "$TEMP" --save-every 10 --seed "$SEED" $DISC_ARGS
+  --disc-lr "$DISC_LR" --temperature "$TEMP" --save-every 10 --seed "$SEED" $UPDATE_ARGS $DISC_ARGS
 
 [ "$PAR" = 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # concurrent processes: no CPU thread oversubscription
 for A in $ALGO; do
@@ -86,7 +89,7 @@ for A in $ALGO; do
     say "stage 3: RL ($A) from $FROM -> $RUN/$FROM-rl-$A"
     done_ "$RUN/$FROM-rl-$A" || bg "$FROM-rl-$A" launch rl.py --policy "$RUN/$FROM" --algo "$A" --data "$DATA/rl.parquet" \
       --out "$RUN/$FROM-rl-$A" --steps "$RL_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$RL_LR" \
-      --temperature "$TEMP" --save-every 10 --eval-every 0 --seed "$SEED"
+      --temperature "$TEMP" --save-every 10 --eval-every 0 --seed "$SEED" $RL_UPDATE_ARGS
   done
 done
 join
@@ -96,7 +99,7 @@ for A in $ALGO; do for FROM in $ARMS; do STAGES="$STAGES $FROM-rl-$A"; done; don
 for STAGE in $STAGES; do
   say "eval $STAGE"
   [ -f "$RUN/$STAGE/eval.json" ] || bg "eval-$STAGE" launch eval.py --model "$RUN/$STAGE" --data "$DATA/eval.parquet" \
-    "$DATA/eval_hard.parquet" --limit "$EVAL_N" --max-new-tokens 256 --out "$RUN/$STAGE/eval.json"
+    "$DATA/eval_hard.parquet" --limit "$EVAL_N" --max-new-tokens 256 --batch-size "$EVAL_BATCH" --out "$RUN/$STAGE/eval.json"
 done
 join
 

@@ -89,22 +89,33 @@ n_dropped = n_bad = 0
 
 
 def encode(exs):
-    """render_chat for each example; over-long ones are dropped and counted, bad ones too under --skip-bad."""
-    global n_dropped, n_bad
-    items = []
+    """render_chat for each example: (items, over-long ones dropped, bad ones skipped under --skip-bad)."""
+    items, dropped, bad = [], 0, 0
     for ex in exs:
         try:
             it = data.render_chat(processor, ex, ex.response, args.max_pixels)
         except data.DataError:
             if not args.skip_bad:
                 raise
-            n_bad += 1
+            bad += 1
             continue
         if len(it["input_ids"]) > args.max_len:
-            n_dropped += 1
+            dropped += 1
             continue
         items.append(it)
-    return items
+    return items, dropped, bad
+
+
+class Steps(torch.utils.data.Dataset):
+    """Step i's examples of this rank, rendered (images decoded, tokenised): on a GPU, DataLoader workers render the next
+    steps while the current one trains, so the GPU does not wait on the CPU's image processing."""
+
+    def __getitem__(self, step):
+        idx = data.stream_indices(len(train), args.seed, step * B, B)  # this step's global batch
+        return encode([train[i] for i in idx[rank * per_rank:(rank + 1) * per_rank]])
+
+    def __len__(self):
+        return steps
 
 
 def micro_batches(items):
@@ -153,7 +164,7 @@ M.print0(f"policy {args.init}: {n_params / 1e6:.2f}M params | lr {args.lr} warm-
 def val_loss():
     """Mean token loss over the held-out examples (all ranks share them, the sums are all-reduced)."""
     policy.eval()
-    mine = encode(val[rank::world])
+    mine = encode(val[rank::world])[0]
     tot = cnt = 0.0
     n_mb = math.ceil(math.ceil(len(val) / world) / args.micro_batch)
     for i in range(n_mb):  # the same number of forwards on every rank
@@ -171,6 +182,9 @@ def val_loss():
 # -----------------------------------------------------------------------------
 # training loop
 
+batches = iter(torch.utils.data.DataLoader(Steps(), batch_size=None, sampler=range(start, steps), collate_fn=lambda x: x,
+                                           num_workers=2 if device.type == "cuda" else 0,
+                                           prefetch_factor=8 if device.type == "cuda" else None))
 bar = tqdm(total=steps, initial=start, desc="sft", disable=rank != 0, dynamic_ncols=True)
 bad_in_row = n_skipped_steps = 0
 policy.train()
@@ -186,8 +200,8 @@ for step in range(start, steps + 1):
         break
 
     t0 = time.time()
-    idx = data.stream_indices(len(train), args.seed, step * B, B)  # this step's global batch
-    items = encode([train[i] for i in idx[rank * per_rank:(rank + 1) * per_rank]])
+    items, dropped, bad = next(batches)
+    n_dropped, n_bad = n_dropped + dropped, n_bad + bad
     # global normaliser: supervised tokens in the whole optimizer step, over all ranks and micro-batches
     n_tok_local = sum(int((it["labels"] != -100).sum()) for it in items)
     n_tok, n_in = M.all_sum([n_tok_local, sum(len(it["input_ids"]) for it in items)], device)

@@ -363,9 +363,10 @@ def test_text_only_passes_no_pixels(dist1, world, processor, dense):
 
 
 def test_two_processes_equal_one_and_kill_resume_is_bitwise(world, tiny_dirs, tmp_path):
-    # the discriminator too: Adam moves even a rounding-level gradient by ~lr (1e-4) per step, hence its 1e-5
+    # the discriminator too: Adam moves even a rounding-level gradient by up to ~lr (1e-4) per step, hence its 3e-5 over
+    # 4 steps (the resumed run must still equal the uninterrupted one bitwise)
     check_two_equal_one_and_resume("align.py", lambda out: align_args(world, *tiny_dirs, out), tmp_path,
-                                   {"policy.model.": 2e-6, "disc.": 1e-5})
+                                   {"policy.model.": 2e-6, "disc.": 3e-5})
 
 
 def test_a_group_split_over_two_processes_equals_one_process(world, tiny_dirs, tmp_path):

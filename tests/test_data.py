@@ -349,3 +349,20 @@ def test_a_prompt_with_two_images_renders_collates_and_rolls_out(tmp_path, proce
     infer = engine.make_inference_copy(M.load_policy("tiny", processor, torch.device("cpu"), seed=1), torch.device("cpu"))
     a = engine.generate(infer, [it, single], processor.tokenizer, "cpu", 8, temperature=0, hf=True)
     assert engine.generate(infer, [it, single], processor.tokenizer, "cpu", 8, temperature=0) == a
+
+
+def test_prompt_length_without_decoding_images_equals_the_rendered_length(world, processor, tmp_path):
+    """drop_long_prompts' lengths come from image headers: equal to render_chat's, for embedded bytes, paths, two images
+    of different sizes, a large image that load_image downscales, and no image."""
+    out = world[0]
+    exs = sum((data.read_examples(os.path.join(out, f), "prompt")[0] for f in ("rl.parquet", "eval_hard.parquet")), [])
+    Image.new("RGB", (1200, 700)).save(tmp_path / "big.png")
+    Image.new("RGB", (64, 32)).save(tmp_path / "wide.png")
+    exs += [data.Example(question="<image> and <image>: which?", images=[str(tmp_path / "big.png"), str(tmp_path / "wide.png")],
+                         where="x"), data.Example(question="No image here.", images=[], where="y")]
+    for ex in exs:
+        assert data.prompt_length(processor, ex, 400 * 400) == len(data.render_chat(processor, ex, None, 400 * 400)["input_ids"])
+    (tmp_path / "cut.png").write_bytes((tmp_path / "wide.png").read_bytes()[:60])  # a truncated file
+    with pytest.raises(data.DataError, match="cannot decode image"):
+        data.prompt_length(processor, data.Example(question="q", images=[str(tmp_path / "cut.png")], where="z"))
+

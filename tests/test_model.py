@@ -153,3 +153,24 @@ def test_crafted_pickles_are_refused(tiny_dirs, tmp_path, processor):
     for name in ("model.py", "engine.py", "sft.py", "warmup.py", "align.py", "rl.py", "eval.py", "data.py", "bench.py"):
         src = open(os.path.join(ROOT, name)).read()
         assert src.count("torch.load(") == src.count("weights_only=True"), name
+
+
+def test_packed_vision_attention_equals_the_per_image_path(processor, monkeypatch):
+    """The vision tower over images of three sizes: one masked attention call per layer gives transformers' per-image
+    attention, forward and backward."""
+    import numpy as np
+    from PIL import Image
+    hf = M.load_policy("tiny", processor, torch.device("cpu"), seed=0)
+    imgs = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (32 * (1 + i % 3), 64, 3), dtype=np.uint8))
+            for i in range(5)]
+    enc = processor.image_processor(images=imgs, return_tensors="pt")
+    assert len(set(enc["image_grid_thw"].prod(1).tolist())) == 3
+    outs = []
+    for limit in (M.PACKED_VISION_MAX_PATCHES, 0):  # packed, then transformers' own path
+        monkeypatch.setattr(M, "PACKED_VISION_MAX_PATCHES", limit)
+        hf.zero_grad()
+        out = hf.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
+        (out ** 2).sum().backward()
+        outs.append((out.detach(), hf.model.visual.blocks[0].attn.qkv.weight.grad.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-4)
