@@ -202,7 +202,8 @@ for step in range(start, steps + 1):
     t0 = time.time()
     items, dropped, bad = next(batches)
     n_dropped, n_bad = n_dropped + dropped, n_bad + bad
-    # global normaliser: supervised tokens in the whole optimizer step, over all ranks and micro-batches
+    # THE GLOBAL NORMALISER (the gradient contract of model.shard: FSDP sums gradients, it does not average): supervised
+    # tokens in the whole optimizer step, over all ranks and micro-batches
     n_tok_local = sum(int((it["labels"] != -100).sum()) for it in items)
     n_tok, n_in = M.all_sum([n_tok_local, sum(len(it["input_ids"]) for it in items)], device)
     loss_sum = 0.0

@@ -330,7 +330,8 @@ def test_alignment_rows_keep_teacher_response_and_data_source(tmp_path):
 
 def test_a_prompt_with_two_images_renders_collates_and_rolls_out(tmp_path, processor):
     """Several images per prompt, end to end: the reader, render_chat (both images' tokens, in order), collate (their
-    pixels concatenated in batch order), the decode loop (the M-RoPE positions of two images) against generate()."""
+    pixels concatenated in batch order), the decode loop (the M-RoPE positions of two images) against generate(), and
+    the discriminator's framing and score."""
     import engine
     import model as M
     for name, col in (("r.png", (200, 10, 10)), ("b.png", (10, 10, 200))):
@@ -342,13 +343,30 @@ def test_a_prompt_with_two_images_renders_collates_and_rolls_out(tmp_path, proce
     it = data.render_chat(processor, ex)
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert it["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 4]] and int((it["input_ids"] == pad).sum()) == 4
-    single = data.render_chat(processor, data.Example(question="<image> a", images=[str(tmp_path / "b.png")], where="x"))
+    one = data.Example(question="<image> a", images=[str(tmp_path / "b.png")], where="x")
+    single = data.render_chat(processor, one)
     b = data.collate([it, single], 0)
     assert b["pixel_values"].shape[0] == it["pixel_values"].shape[0] + single["pixel_values"].shape[0]
     assert torch.equal(b["pixel_values"][:it["pixel_values"].shape[0]], it["pixel_values"])
-    infer = engine.make_inference_copy(M.load_policy("tiny", processor, torch.device("cpu"), seed=1), torch.device("cpu"))
+    policy = M.load_policy("tiny", processor, torch.device("cpu"), seed=1)
+    infer = engine.make_inference_copy(policy, torch.device("cpu"))
     a = engine.generate(infer, [it, single], processor.tokenizer, "cpu", 8, temperature=0, hf=True)
     assert engine.generate(infer, [it, single], processor.tokenizer, "cpu", 8, temperature=0) == a
+    # scoring: both images reach the discriminator; the batched, padded score equals the one of the prompt alone
+    import align
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        M.init_dist()
+    disc = M.Discriminator(policy.config).eval()
+    disc.model.load_state_dict(policy.model.state_dict())
+    seg = data.render_segment(processor, ex, "<caption>\n- red, blue\n</caption>")
+    assert seg["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 4]]
+    framing = align.Framing(processor)
+    seqs = [align.Seq(ex, "<caption>\n- red, blue\n</caption>", "cap"), align.Seq(one, "a longer segment " * 9, "cot")]
+    with torch.no_grad():
+        both = align.score_segments(disc, framing, seqs, "cpu", seqs[0])[0]
+        alone = align.score_segments(disc, framing, seqs[:1], "cpu", seqs[0])[0]
+    assert both[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
 
 
 def test_prompt_length_without_decoding_images_equals_the_rendered_length(world, processor, tmp_path):
