@@ -111,6 +111,47 @@ def load_image(ref, where, max_pixels, max_side=None):
     return img
 
 
+IMAGE_CACHE_BYTES = 2 << 30  # processed images kept (pixel values), least recently used first out
+_image_cache, _image_cache_bytes = {}, [0]
+
+
+def processed_image(processor, ref, where, max_pixels, max_side=None):
+    """(pixel_values (P, D), image_grid_thw (1, 3)) of one image, as the processor computes them, cached: a prompt's image
+    is decoded and processed once for all its rollouts, scores and updates, not once per sequence."""
+    import hashlib
+    ident = hashlib.blake2b(ref["bytes"], digest_size=16).hexdigest() if isinstance(ref, dict) and ref.get("bytes") else \
+        (ref["path"] if isinstance(ref, dict) else ref)
+    key = (id(processor), ident, max_pixels, max_side)
+    if key in _image_cache:
+        _image_cache[key] = _image_cache.pop(key)  # most recently used: to the end
+        return _image_cache[key]
+    enc = processor.image_processor(images=[load_image(ref, where, max_pixels, max_side)], return_tensors="pt")
+    val = (enc["pixel_values"], enc["image_grid_thw"])
+    _image_cache[key] = val
+    _image_cache_bytes[0] += val[0].numel() * val[0].element_size()
+    while _image_cache_bytes[0] > IMAGE_CACHE_BYTES and len(_image_cache) > 1:
+        old = _image_cache.pop(next(iter(_image_cache)))
+        _image_cache_bytes[0] -= old[0].numel() * old[0].element_size()
+    return val
+
+
+def encode_text(processor, text, images):
+    """processor(text=[text], images=...) with the images already processed (processed_image): each image placeholder of
+    the text becomes its grid's merged-patch count of placeholder tokens, the text is tokenised whole, and the image
+    tokens are marked in mm_token_type_ids (1). Returns input_ids, mm_token_type_ids (L,) [, pixel_values, image_grid_thw]."""
+    tok, pad = processor.tokenizer, processor.image_token
+    merge = processor.image_processor.merge_size ** 2
+    pieces = text.split(pad)
+    if len(pieces) - 1 != len(images):
+        raise ValueError(f"{len(pieces) - 1} image placeholders in the text for {len(images)} images")
+    text = pieces[0] + "".join(pad * int(g.prod() // merge) + p for (_, g), p in zip(images, pieces[1:]))
+    ids = torch.tensor(tok(text)["input_ids"])  # the tokenizer's defaults, as the processor calls it
+    out = {"input_ids": ids, "mm_token_type_ids": (ids == processor.image_token_id).long()}
+    if images:
+        out["pixel_values"], out["image_grid_thw"] = torch.cat([p for p, _ in images]), torch.cat([g for _, g in images])
+    return out
+
+
 def user_content(question, n_images, where):
     """Chat content list for a user turn: the text split at "<image>" markers (images first if there is no marker)."""
     if IMAGE_MARKER not in question:
@@ -134,7 +175,7 @@ def render_chat(processor, ex, response=None, max_pixels=560 * 560, with_images=
     token. Without a response the text ends with the assistant header (a generation prompt). with_images=False renders
     the same chat with no image at all (text-only ablation). An assistant turn is tokenised on its own, exactly as a
     rollout's tokens follow its prompt; the template's text around it is taken turn by turn from apply_chat_template."""
-    images = [load_image(r, ex.where, max_pixels) for r in ex.images] if with_images else []
+    images = [processed_image(processor, r, ex.where, max_pixels) for r in ex.images] if with_images else []
     strip = (lambda t: t) if with_images else (lambda t: t.replace(IMAGE_MARKER, ""))  # noqa: E731
     users = [strip(ex.question)] + [strip(u) for u, _ in ex.turns]
     replies = [response] + [a for _, a in ex.turns] if response is not None else []
@@ -153,11 +194,11 @@ def render_chat(processor, ex, response=None, max_pixels=560 * 560, with_images=
         if not text.startswith(done):
             raise DataError(f"{ex.where}: the chat template does not render this conversation turn by turn (turn {k} "
                             f"rewrites the earlier ones), so its assistant turns cannot be supervised token by token")
-        enc = processor(text=[text[len(done):]], images=images[n_img:n_img + counts[k]] or None, return_tensors="pt")
+        enc = encode_text(processor, text[len(done):], images[n_img:n_img + counts[k]])
         n_img += counts[k]
-        ids.append(enc["input_ids"][0])
+        ids.append(enc["input_ids"])
         labels.append(torch.full_like(ids[-1], -100))
-        mm.append(enc["mm_token_type_ids"][0] if "mm_token_type_ids" in enc else torch.zeros_like(ids[-1]))
+        mm.append(enc["mm_token_type_ids"])
         if "pixel_values" in enc:
             pix.append(enc["pixel_values"])
             grid.append(enc["image_grid_thw"])
@@ -179,18 +220,14 @@ def render_segment(processor, ex, segment, system=None, max_pixels=560 * 560, ma
     user (images + question), assistant = the segment, rendered by the chat template WITHOUT a generation prompt and
     tokenised whole, so the text ends with the end-of-turn token and the template's newline after it, the position the
     score is read at. Returns input_ids, mm_token_type_ids (L,) and the images' pixel_values, image_grid_thw."""
-    images = [load_image(r, ex.where, max_pixels, max_side) for r in ex.images] if with_images else []
+    images = [processed_image(processor, r, ex.where, max_pixels, max_side) for r in ex.images] if with_images else []
     question = ex.question if with_images else ex.question.replace(IMAGE_MARKER, "")
     messages = [{"role": "system", "content": system or ex.system}] if system or ex.system else []
     messages += [{"role": "user", "content": user_content(question, len(images), ex.where)},
                  {"role": "assistant", "content": segment}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    enc = processor(text=[text], images=images or None, return_tensors="pt")
-    out = {"input_ids": enc["input_ids"][0], "mm_token_type_ids": enc["mm_token_type_ids"][0] if "mm_token_type_ids" in enc
-           else torch.zeros_like(enc["input_ids"][0])}
+    out = encode_text(processor, text, images)
     out["labels"] = torch.full_like(out["input_ids"], -100)
-    if images:
-        out["pixel_values"], out["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
     return out
 
 

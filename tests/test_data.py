@@ -384,3 +384,29 @@ def test_prompt_length_without_decoding_images_equals_the_rendered_length(world,
     with pytest.raises(data.DataError, match="cannot decode image"):
         data.prompt_length(processor, data.Example(question="q", images=[str(tmp_path / "cut.png")], where="z"))
 
+
+def test_cached_image_processing_gives_the_processors_own_encoding(world, processor, tmp_path):
+    """render_chat / render_segment process each image once (data.processed_image, cached) and expand the text's image
+    placeholders themselves: the same ids, mm_token_type_ids, pixels and grids as processor(text=..., images=...) on the
+    whole text, for embedded bytes, paths, two images of different sizes, the release's 560-px framing and no image."""
+    out = world[0]
+    exs = data.read_examples(os.path.join(out, "align.parquet"), "prompt")[0][:3]
+    exs += data.read_examples(os.path.join(out, "eval_hard.parquet"), "prompt")[0][:2]
+    Image.new("RGB", (1200, 700), (9, 90, 200)).save(tmp_path / "big.png")
+    Image.new("RGB", (64, 32), (200, 9, 9)).save(tmp_path / "wide.png")
+    exs += [data.Example(question="<image> and <image>?", images=[str(tmp_path / "big.png"), str(tmp_path / "wide.png")],
+                         where="x"), data.Example(question="No image.", images=[], where="y")]
+    for ex in exs:
+        for max_side in (None, 560):
+            it = data.render_segment(processor, ex, "<caption>\n- a\n</caption>", max_pixels=400 * 400, max_side=max_side)
+            imgs = [data.load_image(r, "x", 400 * 400, max_side) for r in ex.images]
+            messages = [{"role": "system", "content": ex.system}, {"role": "user", "content": data.user_content(
+                ex.question, len(imgs), "x")}, {"role": "assistant", "content": "<caption>\n- a\n</caption>"}]
+            text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+            want = processor(text=[text], images=imgs or None, return_tensors="pt")
+            assert torch.equal(it["input_ids"], want["input_ids"][0])
+            assert torch.equal(it["mm_token_type_ids"], want["mm_token_type_ids"][0])
+            if imgs:
+                assert torch.equal(it["pixel_values"], want["pixel_values"])
+                assert torch.equal(it["image_grid_thw"], want["image_grid_thw"])
+
