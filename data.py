@@ -106,9 +106,16 @@ def load_image(ref, where, max_pixels, max_side=None):
         img = img.resize((int(w * r), int(h * r)), Image.LANCZOS)
         w, h = img.size
     if w * h > max_pixels:
-        s = (max_pixels / (w * h)) ** 0.5
-        img = img.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
+        img = img.resize(area_fit(w, h, max_pixels), Image.BICUBIC)
     return img
+
+
+def area_fit(w, h, max_pixels):
+    """(width, height) scaled down, aspect kept, to at most max_pixels pixels: load_image's rule, which image_size uses too."""
+    if w * h <= max_pixels:
+        return w, h
+    s = (max_pixels / (w * h)) ** 0.5
+    return max(1, int(w * s)), max(1, int(h * s))
 
 
 IMAGE_CACHE_BYTES = 2 << 30  # processed images kept (pixel values), least recently used first out
@@ -241,10 +248,7 @@ def image_size(ref, where, max_pixels):
     except Exception:
         load_image(ref, where, max_pixels)  # the same error message as rendering would give
         raise
-    if w * h > max_pixels:
-        s = (max_pixels / (w * h)) ** 0.5
-        w, h = max(1, int(w * s)), max(1, int(h * s))
-    return w, h
+    return area_fit(w, h, max_pixels)
 
 
 def prompt_length(processor, ex, max_pixels=560 * 560):
