@@ -3,7 +3,8 @@ Data for every stage: the system prompt and chat rendering, readers for the rele
 visual-reasoning world (images, questions, supervision, tokenizer, processor) that the whole pipeline runs on by default.
 
     python data.py --out data/shapes --seed 0          # writes sft.jsonl, align.parquet, rl.parquet, eval.parquet,
-                                                        # eval_hard.parquet, warmup.jsonl, images/, processor/
+                                                        # eval_hard.parquet, warmup.jsonl, images/, processor/, scenes.jsonl
+    python data.py teacher --data data/shapes --port 8000   # the world's oracle teacher for curate.py (OpenAI protocol)
 
 Formats read (PRISM_NOTES.md "Data formats"): sharegpt multimodal JSON/JSONL (`messages` role/content or `conversations`
 from/value, `<image>` markers, `images` paths); parquet (or JSONL) with `prompt`, `images`, `reward_model.ground_truth`,
@@ -12,10 +13,13 @@ to the data file. Every bad record raises DataError naming the file and record, 
 """
 
 import argparse
+import hashlib
 import io
 import json
 import os
 import random
+import re
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -125,7 +129,6 @@ _image_cache, _image_cache_bytes = {}, [0]
 def processed_image(processor, ref, where, max_pixels, max_side=None):
     """(pixel_values (P, D), image_grid_thw (1, 3)) of one image, as the processor computes them, cached: a prompt's image
     is decoded and processed once for all its rollouts, scores and updates, not once per sequence."""
-    import hashlib
     ident = hashlib.blake2b(ref["bytes"], digest_size=16).hexdigest() if isinstance(ref, dict) and ref.get("bytes") else \
         (ref["path"] if isinstance(ref, dict) else ref)
     key = (id(processor), ident, max_pixels, max_side)
@@ -520,6 +523,8 @@ COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 LETTERS = "ABCDEFGH"
+FAULTS = ("429", "500", "drop", "timeout", "malformed", "unformatted")  # the oracle's fault kinds
+SCENES = "scenes.jsonl"  # beside the world: {"sha256" of an image's PNG bytes, "objects"} per line
 
 
 def draw_scene(rng, grid, cell, n_objects):
@@ -548,59 +553,75 @@ def describe(o):
 
 
 def make_question(rng, objs, hard=False):
-    """(question, answer, reasoning lines, equivalent answers) for one scene. Types: count, attribute, multiple choice, two-part, arithmetic;
-    the hard split adds conjunction counts ("red circles"), a composition never seen in training."""
-    kinds = ["count", "count", "attribute", "choice", "pair", "arith"] + (["conj", "conj"] if hard else [])
-    kind = rng.choice(kinds)
+    """A question about a scene. Types: count, attribute, multiple choice, two-part, arithmetic; the hard split adds
+    conjunction counts ("red circles"), a composition never seen in training. solve() answers it."""
+    kind = rng.choice(["count", "count", "attribute", "choice", "pair", "arith"] + (["conj", "conj"] if hard else []))
 
     def prop():  # a property to count: a colour or a shape
-        if rng.random() < 0.5:
-            c = rng.choice(list(COLOURS))
-            return f"{c} shapes", (lambda o: o[2] == c)
-        s = rng.choice(SHAPES)
-        return PLURAL[s], (lambda o: o[3] == s)
-
-    def count_lines(name, pred):
-        lines = [f"I look for {name}."] + [f"{describe(o)}, {'yes' if pred(o) else 'no'}." for o in objs]
-        n = sum(map(pred, objs))
-        return n, lines + [f"So there are {n} {name}."]
+        return f"{rng.choice(list(COLOURS))} shapes" if rng.random() < 0.5 else PLURAL[rng.choice(SHAPES)]
 
     if kind == "count":
-        name, pred = prop()
-        n, lines = count_lines(name, pred)
-        return f"How many {name} are there?", str(n), lines, []
+        return f"How many {prop()} are there?"
     if kind == "conj":
         c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        n, lines = count_lines(f"{c} {PLURAL[s]}", lambda o: o[2] == c and o[3] == s)
-        return f"How many {c} {PLURAL[s]} are there?", str(n), lines, []
-    if kind == "attribute":
-        o = rng.choice(objs)
-        attr = rng.choice(["colour", "shape"])
-        val = o[2] if attr == "colour" else o[3]
+        return f"How many {c} {PLURAL[s]} are there?"
+    if kind in ("attribute", "choice"):
+        o, attr = rng.choice(objs), rng.choice(["colour", "shape"])
         q = f"What is the {attr} of the object in row {o[0]}, column {o[1]}?"
-        return q, val, [f"I find row {o[0]}, column {o[1]}.", f"{describe(o)}.", f"Its {attr} is {val}."], []
-    if kind == "choice":
-        o = rng.choice(objs)
-        attr = rng.choice(["colour", "shape"])
+        if kind == "attribute":
+            return q
         opts = list(COLOURS) if attr == "colour" else list(SHAPES)
         rng.shuffle(opts)
-        val = o[2] if attr == "colour" else o[3]
-        letter = LETTERS[opts.index(val)]
-        q = f"What is the {attr} of the object in row {o[0]}, column {o[1]}? " + " ".join(
-            f"({LETTERS[i]}) {v}" for i, v in enumerate(opts))
-        lines = [f"I find row {o[0]}, column {o[1]}.", f"{describe(o)}.", f"Its {attr} is {val}, option {letter}."]
-        return q, letter, lines, [val]  # the option's text is an equivalent answer
+        return q + " " + " ".join(f"({LETTERS[i]}) {v}" for i, v in enumerate(opts))
     if kind == "pair":
-        (n1, p1), (n2, p2) = prop(), prop()
-        a, la = count_lines(n1, p1)
-        b, lb = count_lines(n2, p2)
-        return f"How many {n1} and how many {n2} are there?", f"{a}, {b}", la + lb, []
-    (n1, p1), (n2, p2) = prop(), prop()
-    a, la = count_lines(n1, p1)
-    b, lb = count_lines(n2, p2)
-    if rng.random() < 0.5:
-        return f"What is the number of {n1} plus the number of {n2}?", str(a + b), la + lb + [f"{a} plus {b} is {a + b}."], []
-    return f"What is the number of {n1} minus the number of {n2}?", str(a - b), la + lb + [f"{a} minus {b} is {a - b}."], []
+        return f"How many {prop()} and how many {prop()} are there?"
+    n1, n2 = prop(), prop()
+    return f"What is the number of {n1} {'plus' if rng.random() < 0.5 else 'minus'} the number of {n2}?"
+
+
+def solve(question, objs):
+    """(answer, reasoning lines, equivalent answers) of a make_question question about a scene: the world's ground truth
+    and its step-by-step reasoning (the oracle teacher answers with it too). ValueError for any other question."""
+    singular = {v: k for k, v in PLURAL.items()}
+
+    def predicate(name):  # "red shapes", "circles", "red circles"
+        words = name.split()
+        colour = words[0] if len(words) == 2 and words[0] in COLOURS else None
+        shape = singular.get(words[-1])
+        if len(words) > 2 or (len(words) == 2 and colour is None) or (shape is None and words[-1] != "shapes") or \
+                (colour is None and shape is None):
+            raise ValueError(f"not a property of the world: {name!r}")
+        return lambda o: (colour is None or o[2] == colour) and (shape is None or o[3] == shape)
+
+    def count(name):
+        pred = predicate(name)
+        n = sum(map(pred, objs))
+        return n, [f"I look for {name}."] + [f"{describe(o)}, {'yes' if pred(o) else 'no'}." for o in objs] + \
+            [f"So there are {n} {name}."]
+
+    if m := re.fullmatch(r"How many (.+) and how many (.+) are there\?", question):
+        (a, la), (b, lb) = count(m[1]), count(m[2])
+        return f"{a}, {b}", la + lb, []
+    if m := re.fullmatch(r"How many (.+) are there\?", question):
+        n, lines = count(m[1])
+        return str(n), lines, []
+    if m := re.fullmatch(r"What is the number of (.+) (plus|minus) the number of (.+)\?", question):
+        (a, la), (b, lb) = count(m[1]), count(m[3])
+        v = a + b if m[2] == "plus" else a - b
+        return str(v), la + lb + [f"{a} {m[2]} {b} is {v}."], []
+    if m := re.fullmatch(r"What is the (colour|shape) of the object in row (\d+), column (\d+)\?((?: \([A-H]\) \w+)*)", question):
+        o = next((o for o in objs if (o[0], o[1]) == (int(m[2]), int(m[3]))), None)
+        if o is None:
+            raise ValueError(f"no object in row {m[2]}, column {m[3]}")
+        val = o[2] if m[1] == "colour" else o[3]
+        lines = [f"I find row {o[0]}, column {o[1]}.", f"{describe(o)}."]
+        if not m[4]:
+            return val, lines + [f"Its {m[1]} is {val}."], []
+        letter = dict((v, k) for k, v in re.findall(r"\(([A-H])\) (\w+)", m[4])).get(val)
+        if letter is None:
+            raise ValueError(f"no option is {val}")
+        return letter, lines + [f"Its {m[1]} is {val}, option {letter}."], [val]  # the option's text is an equivalent answer
+    raise ValueError(f"not a question of the world: {question!r}")
 
 
 def high_fidelity(objs, lines):
@@ -679,7 +700,7 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
     from tqdm import tqdm
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    texts, splits = [], {}
+    texts, splits, scenes = [], {}, []
     plan = [("sft", n_sft, False), ("align", n_align, False), ("rl", n_rl, False), ("eval", n_eval, False),
             ("eval_hard", n_hard, True), ("warmup", n_warmup, False)]
     bar = tqdm(total=sum(n for _, n, _ in plan), desc="synthetic world", unit="ex")
@@ -688,9 +709,12 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
         for i in range(n):
             lo, hi = hard_objects if hard else (min_objects, max_objects)
             img, objs = draw_scene(rng, grid, cell, rng.randint(lo, hi))
-            q, ans, lines, eq = make_question(rng, objs, hard)
+            q = make_question(rng, objs, hard)
+            ans, lines, eq = solve(q, objs)
             cap, cot = high_fidelity(objs, lines)
-            rel = f"images/{name}_{i:06d}.png"
+            rel, png = f"images/{name}_{i:06d}.png", png_bytes(img)
+            scenes.append({"sha256": hashlib.sha256(png).hexdigest(), "objects": objs})
+            save = lambda: open(os.path.join(out, rel), "wb").write(png)  # noqa: E731
             user = IMAGE_MARKER + "\n" + q
             if name == "sft":
                 if rng.random() < hf_ratio:
@@ -698,23 +722,23 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
                 else:
                     bcap, bcot, bans = broad(rng, objs, ans, grid)
                     resp = f"{bcap}\n{bcot}\n<answer>{bans}</answer>"
-                img.save(os.path.join(out, rel))
+                save()
                 rows.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
                                           {"role": "assistant", "content": resp}], "images": [rel]})
                 texts.append(resp)
             elif name == "warmup":
                 bcap, bcot, bans = broad(rng, objs, ans, grid)
-                img.save(os.path.join(out, rel))
+                save()
                 rows.append({"prompt": user, "image": rel, "teacher_caption": cap,
                              "teacher_cot": f"{cot}\n<answer>{ans}</answer>", "student_caption": bcap,
                              "student_cot": f"{bcot}\n<answer>{bans}</answer>"})
             else:
                 # parquet: embedded PNG bytes (HF image dicts); the hard split uses plain relative paths instead
                 if hard:
-                    img.save(os.path.join(out, rel))
+                    save()
                     image_col = [rel]
                 else:
-                    image_col = [{"bytes": png_bytes(img), "path": rel}]
+                    image_col = [{"bytes": png, "path": rel}]
                 rows.append({"data_source": "shapes", "prompt": [{"role": "system", "content": SYSTEM_PROMPT},
                                                                  {"role": "user", "content": user}],
                              "images": image_col, "reward_model": {"style": "rule", "ground_truth": ans,
@@ -727,6 +751,7 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
     bar.close()
     write_jsonl(os.path.join(out, "sft.jsonl"), splits["sft"])
     write_jsonl(os.path.join(out, "warmup.jsonl"), splits["warmup"])
+    write_jsonl(os.path.join(out, SCENES), scenes)  # the oracle teacher's table: an image's PNG hash -> its objects
     for name in ("align", "rl", "eval", "eval_hard"):
         rows = splits[name]
         if name == "rl":  # the RL set has no teacher columns (eval keeps them to measure drift against the supervision)
@@ -739,7 +764,139 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
     return splits
 
 
-if __name__ == "__main__":
+# -----------------------------------------------------------------------------
+# the world's oracle teacher: an OpenAI-compatible chat-completions server that answers from the scene table
+
+def serve_teacher(data_dir, host="127.0.0.1", port=0, error_rate=0.0, error_kinds=FAULTS, mistake_rate=0.0, latency=0.0,
+                  hang=60.0, retry_after=1.0):
+    """The oracle teacher of the world in `data_dir` over HTTP (POST /v1/chat/completions; GET /v1/models, /stats). It
+    finds the request's image in the scene table by the hash of its bytes and writes the high-fidelity demonstration
+    (every object with its cell, step-by-step reasoning over that list, the answer). Faults for tests and demos: a share
+    `error_rate` of requests fails with one of `error_kinds` (chosen by a hash of the request body and of how often this
+    server has seen it, so a re-run meets the same faults), and a share `mistake_rate` of requests is answered wrongly
+    (by a hash of the body alone: the same request, the same answer). Returns the
+    server (not yet serving: call serve_forever); its port is server.server_address[1]."""
+    import base64
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    table = {}
+    with open(os.path.join(data_dir, SCENES), encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            table[r["sha256"]] = [tuple(o) for o in r["objects"]]
+    seen, stats, lock = {}, {"requests": 0, "answered": 0, "faults": {}, "by_question": {}}, threading.Lock()
+
+    def draw(body, n, salt):  # a number in [0, 1) from the request body, its repeat count and a salt
+        return int.from_bytes(hashlib.sha256(body + f"|{n}|{salt}".encode()).digest()[:8], "big") / 2 ** 64
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):  # one line per request is noise in a run's log
+            pass
+
+        def send(self, code, payload, headers=()):
+            body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
+                pass
+
+        def do_GET(self):
+            if self.path.rstrip("/").endswith("/models"):
+                return self.send(200, {"object": "list", "data": [{"id": "oracle", "object": "model", "owned_by": "data.py"}]})
+            if self.path == "/stats":
+                with lock:
+                    return self.send(200, stats)
+            self.send(404, {"error": {"message": f"no route {self.path}"}})
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if not self.path.rstrip("/").endswith("/chat/completions"):
+                return self.send(404, {"error": {"message": f"no route {self.path}"}})
+            try:
+                req = json.loads(body)
+                user = [m for m in req["messages"] if m["role"] == "user"][-1]["content"]
+                texts = [c["text"] for c in user if c["type"] == "text"]
+                urls = [c["image_url"]["url"] for c in user if c["type"] == "image_url"]
+                question = "".join(texts).strip()
+                if len(urls) != 1 or not urls[0].startswith("data:"):
+                    raise ValueError(f"want one image as a data URL, got {len(urls)} images")
+                objs = table.get(hashlib.sha256(base64.b64decode(urls[0].split(",", 1)[1])).hexdigest())
+                if objs is None:
+                    raise ValueError("the image is not in this world's scene table")
+                answer, lines, _ = solve(question, objs)
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                return self.send(400, {"error": {"message": f"{type(e).__name__}: {e}", "type": "invalid_request_error"}})
+            with lock:
+                n = seen[body] = seen.get(body, 0) + 1
+                stats["requests"] += 1
+                stats["by_question"][question] = stats["by_question"].get(question, 0) + 1
+                fault = error_kinds[int(draw(body, n, "kind") * len(error_kinds))] if draw(body, n, "fault") < error_rate else None
+                if fault:
+                    stats["faults"][fault] = stats["faults"].get(fault, 0) + 1
+            time.sleep(latency)
+            if fault == "429":
+                return self.send(429, {"error": {"message": "rate limit", "type": "rate_limit_error"}},
+                                 [("Retry-After", f"{retry_after:g}")])
+            if fault == "500":
+                return self.send(500, {"error": {"message": "internal error", "type": "server_error"}})
+            if fault == "drop":  # the connection closes with no response at all
+                self.close_connection = True
+                return
+            if fault == "timeout":
+                time.sleep(hang)
+            if fault == "malformed":
+                return self.send(200, b'{"id": "x", "choices": [{"message": ')
+            if draw(body, 0, "mistake") < mistake_rate:  # a function of the request alone: asked again, as wrong
+                answer = wrong_answer(random.Random(body), answer)
+            caption, cot = high_fidelity(objs, lines)
+            content = "I can see the shapes." if fault == "unformatted" else f"{caption}\n{cot}\n<answer>{answer}</answer>"
+            with lock:
+                stats["answered"] += 1
+            self.send(200, {"id": "chatcmpl-" + hashlib.sha256(body).hexdigest()[:24], "object": "chat.completion",
+                            "created": int(time.time()), "model": req.get("model", "oracle"),
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                         "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": len(body) // 4, "completion_tokens": len(content) // 4,
+                                      "total_tokens": (len(body) + len(content)) // 4}})  # ~4 bytes a token
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024  # the default backlog of 5 refuses a burst of concurrent requests
+    return Server((host, port), Handler)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["teacher"]:
+    p = argparse.ArgumentParser(prog="data.py teacher", description="Serve the world's oracle teacher over the OpenAI "
+                                "chat-completions protocol (curate.py --teacher-url http://HOST:PORT/v1).")
+    p.add_argument("--data", required=True, help="a world written by `python data.py` (its scenes.jsonl)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=0, help="port (0: any free port)")
+    p.add_argument("--port-file", default=None, help="write the port here once listening (for scripts)")
+    p.add_argument("--error-rate", type=float, default=0.0, help="share of requests that fail with a fault")
+    p.add_argument("--error-kinds", default=",".join(FAULTS), help=f"faults to draw from, comma-separated: {','.join(FAULTS)}")
+    p.add_argument("--mistake-rate", type=float, default=0.0, help="share of answers that are wrong (format kept)")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds before every response")
+    p.add_argument("--hang", type=float, default=60.0, help="seconds a 'timeout' fault waits before answering")
+    p.add_argument("--retry-after", type=float, default=1.0, help="the Retry-After seconds of a 429")
+    a = p.parse_args(sys.argv[2:])
+    kinds = tuple(k for k in a.error_kinds.split(",") if k)
+    if set(kinds) - set(FAULTS) or not kinds:
+        p.error(f"--error-kinds {a.error_kinds}: choose from {','.join(FAULTS)}")
+    srv = serve_teacher(a.data, a.host, a.port, a.error_rate, kinds, a.mistake_rate, a.latency, a.hang, a.retry_after)
+    if a.port_file:
+        with open(a.port_file + ".tmp", "w") as f:
+            f.write(str(srv.server_address[1]))
+        os.replace(a.port_file + ".tmp", a.port_file)
+    print(f"oracle teacher of {a.data} at http://{a.host}:{srv.server_address[1]}/v1", flush=True)
+    srv.serve_forever()
+elif __name__ == "__main__":
     p = argparse.ArgumentParser(description="Write the synthetic visual-reasoning world in the released data formats.")
     p.add_argument("--out", default="data/shapes", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
