@@ -145,9 +145,10 @@ def teacher_request(ex, system, args, sample):
     return key, req
 
 
-async def ask_teacher(requests, cache, cache_path, args, stats, show):
-    """Send the requests not in `cache` (key -> answer) with at most --concurrency in flight; append each accepted answer to
-    cache_path at once. stats counts calls made, cached, failed, retries by reason, tokens."""
+async def ask_teacher(requests, cache, cache_path, args, stats, show=False):
+    """Send the requests (key, request kwargs, label) not in `cache` (key -> answer) with at most --concurrency in
+    flight; append each accepted answer to cache_path at once (with its label: where and sample). stats counts calls
+    made, cached, failed, retries by reason, tokens."""
     import openai
     client = openai.AsyncOpenAI(base_url=args.teacher_url, api_key=os.environ.get(args.api_key_env) or "none",
                                 max_retries=0, timeout=args.timeout)
@@ -155,7 +156,7 @@ async def ask_teacher(requests, cache, cache_path, args, stats, show):
     rng = random.Random(args.seed)
     out = open(cache_path, "a")
 
-    async def one(key, req):
+    async def one(key, req, label):
         if key in cache:
             stats["cached"] += 1
             bar.update()
@@ -172,7 +173,7 @@ async def ask_teacher(requests, cache, cache_path, args, stats, show):
                     text = (r.choices[0].message.content or "") if r.choices else ""
                     if verify.split_response(text) is not None:
                         cache[key] = text
-                        out.write(json.dumps({"key": key, "answer": text}) + "\n")
+                        out.write(json.dumps({"key": key, **label, "answer": text}) + "\n")
                         out.flush()
                         break
                     reason = "format"
@@ -202,7 +203,7 @@ async def ask_teacher(requests, cache, cache_path, args, stats, show):
         bar.update()
 
     try:
-        await asyncio.gather(*(one(k, r) for k, r in requests))
+        await asyncio.gather(*(one(*r) for r in requests))
     finally:
         out.close()
         bar.close()
@@ -258,7 +259,7 @@ def write_outputs(args, pool, kept, answers, pass_rates):
     return drops, len(table)
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pool", required=True, help="problems in the RL parquet/JSONL format (prompt, images, reward_model)")
     p.add_argument("--out", required=True, help="output directory (see above); re-running the same command resumes")
@@ -297,11 +298,16 @@ def main():
     p.add_argument("--system-prompt", default=None, help="a text file: the student's system prompt of records that carry "
                    "none (default: data.SYSTEM_PROMPT)")
     p.add_argument("--seed", type=int, default=0, help="sampling and backoff seed")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.samples and not args.policy:
         p.error("--policy is needed for the difficulty filter (or --samples 0 to keep every problem)")
     if not args.teacher_url:
         p.error("--teacher-url is required (an OpenAI-compatible endpoint)")
+    return args
+
+
+def main():
+    args = parse_args()
     t0 = time.time()
     import model as M
     rank, world, device = M.init_dist()
@@ -332,7 +338,8 @@ def main():
                          [{"where": pool[i].where, "correct": correct[i], "k": args.samples, "pass_rate": rates[i]}
                           for i in range(len(pool))])
     M.print0(f"difficulty: {len(pool)} problems ({len(skipped)} bad records skipped), {len(kept)} with pass rate <= "
-             f"{args.max_pass} over {args.samples} samples" if args.samples else f"{len(pool)} problems, no difficulty filter")
+             f"{args.max_pass} over {args.samples} samples" if args.samples else f"{len(pool)} problems ({len(skipped)} bad "
+             f"records skipped), no difficulty filter")
 
     # ---- 2. teacher ----------------------------------------------------------------------------------------------
     system = data.system_prompt(args.teacher_system) if args.teacher_system else TEACHER_SYSTEM_PROMPT
@@ -341,7 +348,7 @@ def main():
     for f in sorted(os.listdir(os.path.join(args.out, "cache"))):  # every rank's answers: a resume may change the world size
         cache.update({r["key"]: r["answer"] for r in read_jsonl(os.path.join(args.out, "cache", f))})
     stats = {"calls": 0, "cached": 0, "failed": 0, "retries": {}, "prompt_tokens": 0, "completion_tokens": 0}
-    asyncio.run(ask_teacher([(k, r) for _, _, k, r in reqs], cache, os.path.join(args.out, "cache", f"rank{rank}.jsonl"),
+    asyncio.run(ask_teacher([(k, r, {"where": pool[i].where, "sample": s}) for i, s, k, r in reqs], cache, os.path.join(args.out, "cache", f"rank{rank}.jsonl"),
                             args, stats, rank == 0))
     mine = {(i, s): cache.get(k) for i, s, k, _ in reqs}
 

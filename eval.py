@@ -134,6 +134,15 @@ def write_report(run):
         e, h = r.get("eval", {}), r.get("eval_hard", {})
         lines.append(f"| {label} | {f(e, 'acc')} | {f(h, 'acc')} | {f(e, 'format')} | {f(e, 'length')} | "
                      f"{f(e, 'w1_caption_items')} | {f(e, 'w1_reasoning_steps')} |")
+    cur = os.path.join(run, "curated", "summary.json")
+    if os.path.isfile(cur):  # the alignment set's curation (curate.py)
+        s, c = json.load(open(cur)), json.load(open(os.path.join(run, "curated", "run_config.json")))
+        drops = ", ".join(f"{k} {v}" for k, v in s["drops_by_reason"].items() if v) or "none"
+        lines += ["", f"Alignment set (curate.py): of {s['usable']} pool problems, {s['kept']} were unsolved by the SFT "
+                  f"policy (pass rate <= {c['max_pass']} over {c['samples']} samples at T {c['temperature']}); the teacher "
+                  f"({c['teacher_model']}) answered {s['sent_to_teacher']} of them and {s['demonstrations']} demonstrations "
+                  f"verified (dropped: {drops}); {s['teacher_calls']} teacher calls made, {s['teacher_cached']} cached, "
+                  f"{s['teacher_failed']} failed after retries (retried: {s['retries_by_reason'] or 'none'})."]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

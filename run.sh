@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole PRISM pipeline on the built-in synthetic world, then a report:
-#   data -> SFT -> discriminator (upcycle + warm-up) -> alignment -> RL, and RL straight from SFT for comparison,
+#   data -> SFT -> curation (the SFT policy's unsolved problems, answered by the world's oracle teacher over HTTP)
+#   -> discriminator (upcycle + warm-up) -> alignment -> RL, and RL straight from SFT for comparison,
 #   -> eval.py on every stage -> RUN/report.md
 # Knobs (environment): NPROC (processes; GPUs when present, default all of them or 1 on CPU), SEED (0), ALGO (grpo, dapo,
 # gspo or a list of them, e.g. "grpo dapo gspo"), QUICK=1 (a smoke run of a few minutes), RUN (output dir, default
@@ -36,16 +37,16 @@ mkdir -p "$RUN"
 ALIGN_LR=2e-5; DISC_LR=2e-5; RL_LR=2e-5; UPDATE_ARGS=""; RL_UPDATE_ARGS=""; EVAL_BATCH=64
 if [ "$QUICK" = 1 ]; then
   DATA_ARGS="--n-sft 600 --n-align 32 --n-rl 64 --n-eval 32 --n-hard 32 --n-warmup 96"
-  SFT_STEPS=40; WARM_EPOCHS=1; ALIGN_STEPS=3; RL_STEPS=3; EVAL_N=32; G=4; P=4; TEMP=0.7
+  SFT_STEPS=40; WARM_EPOCHS=1; ALIGN_STEPS=3; RL_STEPS=3; EVAL_N=32; G=4; P=4; TEMP=0.7; POOL=16; K=2
 elif [ "$GPU" = 1 ]; then
   DATA_ARGS="--n-sft 16000 --n-align 512 --n-rl 2048 --n-eval 400 --n-hard 400 --n-warmup 2048"
-  SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=40; EVAL_N=400; G=8; P=8; TEMP=1.0; RL_LR=3e-5
+  SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=40; EVAL_N=400; G=8; P=8; TEMP=1.0; RL_LR=3e-5; POOL=1024; K=8
   # a 34M model's whole rollout batch fits one forward: few, large micro-batches keep the GPU busy
   UPDATE_ARGS="--micro-batch 64 --micro-tokens 65536 --disc-micro 128"; RL_UPDATE_ARGS="--micro-batch 64 --micro-tokens 65536"
   EVAL_BATCH=400
 else
   DATA_ARGS=""
-  SFT_STEPS=600; WARM_EPOCHS=0.1; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=200; G=8; P=4; TEMP=0.7; DISC_LR=1e-4
+  SFT_STEPS=600; WARM_EPOCHS=0.1; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=200; G=8; P=4; TEMP=0.7; DISC_LR=1e-4; POOL=64; K=4
 fi
 P=$(( (P + NPROC - 1) / NPROC * NPROC ))  # prompts per step: a multiple of the process count
 
@@ -74,12 +75,29 @@ done_ "$RUN/sft" || launch sft.py --init "$RUN/base" --data "$DATA/sft.jsonl" --
   --batch-size 16 --micro-batch 16 --lr 3e-4 --warmup-ratio 0.05 --eval-every 100 --save-every 100 --seed "$SEED" \
   --max-len 1024
 
+say "curation: the SFT policy's unsolved problems of $POOL (pass rate 0 over $K samples), answered by the oracle -> $RUN/curated"
+# the world's oracle teacher over the OpenAI protocol, with a few faults and wrong answers for the clean-up to catch;
+# a hosted model is the same command with --teacher-url and --teacher-model of its endpoint (README "Curation")
+if ! done_ "$RUN/curated"; then
+  rm -f "$RUN/teacher.port"
+  python data.py teacher --data "$DATA" --port-file "$RUN/teacher.port" --error-rate 0.05 --mistake-rate 0.05 --hang 5 \
+    > "$RUN/teacher.log" 2>&1 &
+  TEACHER=$!
+  trap 'kill $TEACHER 2>/dev/null || true' EXIT
+  for _ in $(seq 300); do [ -f "$RUN/teacher.port" ] && break; sleep 0.1; done
+  [ -f "$RUN/teacher.port" ] || { cat "$RUN/teacher.log"; echo "the oracle teacher did not start"; exit 1; }
+  launch curate.py --policy "$RUN/sft" --pool "$DATA/rl.parquet" --limit "$POOL" --samples "$K" --max-new-tokens 256 \
+    --temperature "$TEMP" --out "$RUN/curated" --teacher-url "http://127.0.0.1:$(cat "$RUN/teacher.port")/v1" \
+    --teacher-model oracle --timeout 2 --backoff 0.2 --seed "$SEED"
+  kill $TEACHER
+fi
+
 say "discriminator: upcycle the SFT policy + warm-up -> $RUN/disc"
 done_ "$RUN/disc" || launch warmup.py --disc "upcycle:$RUN/sft" --data "$DATA/warmup.jsonl" --out "$RUN/disc" \
   --epochs "$WARM_EPOCHS" --batch-size 16 --lr 1e-4 --val 32 --disc-micro 32 --seed "$SEED" $DISC_ARGS
 
 say "stage 2: alignment -> $RUN/align"
-done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --data "$DATA/align.parquet" \
+done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --data "$RUN/curated/align.parquet" \
   --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$ALIGN_LR" \
   --disc-lr "$DISC_LR" --temperature "$TEMP" --save-every 10 --seed "$SEED" $UPDATE_ARGS $DISC_ARGS
 

@@ -1,7 +1,8 @@
-"""run.sh QUICK=1 end to end in a temp dir: every stage runs, and the report holds every row with finite numbers and
-its three figures.
+"""run.sh QUICK=1 end to end in a temp dir: every stage runs (curation through the oracle teacher server included), and
+the report holds every row with finite numbers and its three figures.
 A second run of the same command resumes: every stage is found complete and nothing is recomputed."""
 
+import json
 import math
 import os
 import re
@@ -33,6 +34,11 @@ def check_pipeline(env, run):
     for name, vals in rows.items():
         for v in vals:
             assert re.fullmatch(r"-?\d+\.\d+", v) and math.isfinite(float(v)), (name, vals)
+    # the alignment set came from curate.py through the oracle server, and the report says what it kept
+    s = json.load(open(os.path.join(run, "curated", "summary.json")))
+    assert json.load(open(os.path.join(run, "align", "run_config.json")))["data"].endswith("curated/align.parquet")
+    assert 0 < s["demonstrations"] <= s["kept"] <= s["usable"] == 16 and s["teacher_calls"] >= s["sent_to_teacher"]
+    assert f"of 16 pool problems, {s['kept']} were unsolved" in open(os.path.join(run, "report.md")).read()
     # the report's figures exist beside it (matplotlib is a pinned dependency)
     figs = re.findall(r"!\[[^]]*\]\(([^)]+)\)", open(os.path.join(run, "report.md")).read())
     assert sorted(figs) == ["align_gap.png", "drift.png", "rl_curves.png"]
