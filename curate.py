@@ -5,7 +5,7 @@ OpenAI-compatible chat-completions endpoint (the paper: 113K demonstrations, Gem
     python curate.py --policy runs/x/sft --pool data/shapes/rl.parquet --out runs/x/curated \\
         --teacher-url http://127.0.0.1:8000/v1 --teacher-model oracle        # python data.py teacher --data data/shapes
     torchrun --nproc_per_node 8 curate.py --policy runs/x/sft --pool pool.parquet --out curated \\
-        --teacher-url https://generativelanguage.googleapis.com/v1beta/openai/ --teacher-model gemini-3-flash
+        --teacher-url https://generativelanguage.googleapis.com/v1beta/openai/ --teacher-model MODEL_ID
 
 1. difficulty: --samples k responses per problem from the policy (engine.generate, as rl.py's rollouts), scored by
    verify.reward; a problem is kept when its pass rate (correct / k) is at most --max-pass (default 0: unsolved), hardest
