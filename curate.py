@@ -94,17 +94,19 @@ def difficulty(args, pool, device, rank, world):
 # -----------------------------------------------------------------------------
 # 2. teacher: one chat request per (problem, sample), cached
 
-def read_jsonl(path):
-    """The records of an append-only JSONL file. A kill can tear only the last line: it is cut off (so the next append
-    starts a fresh line) and ignored; a bad line anywhere else is an error naming the file and line."""
+def read_jsonl(path, repair=True):
+    """The records of an append-only JSONL file. A kill can tear only the last line: it is ignored, and with repair
+    (the file's own writer) cut off, so the next append starts a fresh line; a bad line anywhere else is an error naming
+    the file and line."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
         raw = f.read()
     if raw and not raw.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(raw.rfind(b"\n") + 1)
         raw = raw[:raw.rfind(b"\n") + 1]
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(len(raw))
     out = []
     for n, line in enumerate(raw.splitlines()):
         try:
@@ -145,23 +147,26 @@ def teacher_request(ex, system, args, sample):
     return key, req
 
 
-async def ask_teacher(requests, cache, cache_path, args, stats, show=False):
-    """Send the requests (key, request kwargs, label) not in `cache` (key -> answer) with at most --concurrency in
-    flight; append each accepted answer to cache_path at once (with its label: where and sample). stats counts calls
-    made, cached, failed, retries by reason, tokens."""
+async def ask_teacher(jobs, cache, cache_path, args, stats, show=False):
+    """The teacher's answer (None: failed) to each job (build, label), in order: build() gives (cache key, request
+    kwargs), called only when the job's turn comes (one of at most --concurrency in flight), so a large pool's images
+    are not all held as base64 at once. A key in `cache` (key -> answer) is not sent; an accepted answer is appended to
+    cache_path at once, with its label (where, sample). stats counts calls made, cached, failed, retries by reason,
+    tokens."""
     import openai
     client = openai.AsyncOpenAI(base_url=args.teacher_url, api_key=os.environ.get(args.api_key_env) or "none",
                                 max_retries=0, timeout=args.timeout)
-    sem, bar = asyncio.Semaphore(args.concurrency), tqdm(total=len(requests), desc="teacher", disable=not show)
+    sem, bar = asyncio.Semaphore(args.concurrency), tqdm(total=len(jobs), desc="teacher", disable=not show)
     rng = random.Random(args.seed)
     out = open(cache_path, "a")
 
-    async def one(key, req, label):
-        if key in cache:
-            stats["cached"] += 1
-            bar.update()
-            return
+    async def one(build, label):
         async with sem:
+            key, req = build()
+            if key in cache:
+                stats["cached"] += 1
+                bar.update()
+                return cache[key]
             for attempt in range(args.max_retries + 1):
                 wait = 0.0
                 try:
@@ -201,9 +206,10 @@ async def ask_teacher(requests, cache, cache_path, args, stats, show=False):
                 # exponential backoff with full jitter, at least the server's Retry-After
                 await asyncio.sleep(max(wait, rng.uniform(0, min(args.backoff_max, args.backoff * 2 ** attempt))))
         bar.update()
+        return cache.get(key)
 
     try:
-        await asyncio.gather(*(one(*r) for r in requests))
+        return await asyncio.gather(*(one(*j) for j in jobs))
     finally:
         out.close()
         bar.close()
@@ -343,14 +349,14 @@ def main():
 
     # ---- 2. teacher ----------------------------------------------------------------------------------------------
     system = data.system_prompt(args.teacher_system) if args.teacher_system else TEACHER_SYSTEM_PROMPT
-    reqs = [(i, s, *teacher_request(pool[i], system, args, s)) for i in sent[rank::world] for s in range(args.teacher_samples)]
-    cache = {}
+    todo = [(i, s) for i in sent[rank::world] for s in range(args.teacher_samples)]
+    jobs = [(lambda i=i, s=s: teacher_request(pool[i], system, args, s), {"where": pool[i].where, "sample": s}) for i, s in todo]
+    own, cache = os.path.join(args.out, "cache", f"rank{rank}.jsonl"), {}
     for f in sorted(os.listdir(os.path.join(args.out, "cache"))):  # every rank's answers: a resume may change the world size
-        cache.update({r["key"]: r["answer"] for r in read_jsonl(os.path.join(args.out, "cache", f))})
+        path = os.path.join(args.out, "cache", f)
+        cache.update({r["key"]: r["answer"] for r in read_jsonl(path, repair=path == own)})
     stats = {"calls": 0, "cached": 0, "failed": 0, "retries": {}, "prompt_tokens": 0, "completion_tokens": 0}
-    asyncio.run(ask_teacher([(k, r, {"where": pool[i].where, "sample": s}) for i, s, k, r in reqs], cache, os.path.join(args.out, "cache", f"rank{rank}.jsonl"),
-                            args, stats, rank == 0))
-    mine = {(i, s): cache.get(k) for i, s, k, _ in reqs}
+    mine = dict(zip(todo, asyncio.run(ask_teacher(jobs, cache, own, args, stats, rank == 0))))
 
     # ---- 3 and 4: gather every rank's answers and stats, clean up, write -----------------------------------------
     gathered = [None] * world

@@ -49,11 +49,11 @@ def args_for(url, *extra):
 def ask(examples, url, *extra, cache=None, path=os.devnull):
     """Every example to the teacher through curate.ask_teacher: ({where: answer or None}, the client's stats)."""
     args = args_for(url, *extra)
-    reqs = [(*curate.teacher_request(ex, curate.TEACHER_SYSTEM_PROMPT, args, 0), {"where": ex.where}) for ex in examples]
-    cache = {} if cache is None else cache
+    jobs = [(lambda ex=ex: curate.teacher_request(ex, curate.TEACHER_SYSTEM_PROMPT, args, 0), {"where": ex.where})
+            for ex in examples]
     stats = {"calls": 0, "cached": 0, "failed": 0, "retries": {}, "prompt_tokens": 0, "completion_tokens": 0}
-    asyncio.run(curate.ask_teacher(reqs, cache, path, args, stats))
-    return {lab["where"]: cache.get(k) for k, _, lab in reqs}, stats
+    answers = asyncio.run(curate.ask_teacher(jobs, {} if cache is None else cache, path, args, stats))
+    return {ex.where: a for ex, a in zip(examples, answers)}, stats
 
 
 def test_the_oracle_writes_the_worlds_demonstration_for_every_image(world):
@@ -113,7 +113,9 @@ def test_read_jsonl_cuts_a_torn_last_line(tmp_path):
     path = str(tmp_path / "rank0.jsonl")
     with open(path, "w") as f:
         f.write('{"key": "a", "answer": "x"}\n{"key": "b", "answer": "y"}\n{"key": "c", "ans')
-    assert [r["key"] for r in curate.read_jsonl(path)] == ["a", "b"]
+    torn = open(path).read()
+    assert [r["key"] for r in curate.read_jsonl(path, repair=False)] == ["a", "b"] and open(path).read() == torn  # another
+    assert [r["key"] for r in curate.read_jsonl(path)] == ["a", "b"]  # rank's file is only read; one's own is cut
     with open(path, "a") as f:
         f.write('{"key": "d", "answer": "z"}\n')
     assert [r["key"] for r in curate.read_jsonl(path)] == ["a", "b", "d"]
