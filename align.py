@@ -400,8 +400,10 @@ if __name__ == "__main__":
         pos += P
         enc = [data.render_chat(processor, ex, None, args.max_pixels) for ex in mine]
         row_prompt = [(rank * R + j) // G - first for j in range(R)]  # (R,) each row's prompt in `mine`
-        outs = engine.generate(infer, [enc[k] for k in row_prompt], tok, device, args.max_new_tokens, args.temperature,
-                               1.0, args.gen_batch, args.hf_generate)
+        with M.oom_guard("the rollouts", f"{R} sequences per rank, --gen-batch {args.gen_batch}, up to "
+                         f"{args.max_new_tokens} new tokens", "a lower --gen-batch or --max-new-tokens"):
+            outs = engine.generate(infer, [enc[k] for k in row_prompt], tok, device, args.max_new_tokens, args.temperature,
+                                   1.0, args.gen_batch, args.hf_generate)
         rollouts = [Rollout(k, o, segments_of(tok.decode(o, skip_special_tokens=True), mode), len(enc[k]["input_ids"]) + len(o))
                     for k, o in zip(row_prompt, outs)]
         valid = torch.tensor([r.segments is not None for r in rollouts])  # (R,)
@@ -413,7 +415,8 @@ if __name__ == "__main__":
         nch = len(CHANNELS[mode])
         seqs = [Seq(ex, s, c) for ex in mine for s, c in zip(teacher_segments(ex, mode), CHANNELS[mode])]  # teachers,
         seqs += [Seq(mine[r.prompt], s, c) for r in rollouts if r.segments for s, c in zip(r.segments, CHANNELS[mode])]
-        with torch.no_grad():  # then every valid rollout, in one pass
+        with torch.no_grad(), M.oom_guard("the discriminator's scoring", f"{len(seqs)} segments, --disc-micro "
+                                          f"{framing.micro}", "a lower --disc-micro"):  # then every valid rollout, in one pass
             sc, _, _ = score_segments(disc, framing, seqs, device, Seq(mine[0], seqs[0].text, "whole"), clip=args.score_clip)
         sc = sc.cpu().view(-1, nch)  # (prompts here + valid rollouts, channels)
         teacher = sc[:len(mine)]  # (prompts here, channels)
@@ -431,16 +434,21 @@ if __name__ == "__main__":
         t2 = time.time()
         dm = {"d_loss": float("nan"), "cap_acc": float("nan"), "cot_acc": float("nan"), "disc_grad_norm": float("nan"),
               "skipped": False}
-        for _ in range(args.disc_updates_per_step):
-            dm = discriminator_step(disc, opt_d, framing, mine, rollouts, mode, device, score_reg=args.score_reg,
-                                    score_clip=args.score_clip, grad_clip=args.grad_clip, micro_tokens=args.micro_tokens)
+        with M.oom_guard("the discriminator update", f"{len(seqs)} segments, --disc-micro {framing.micro}",
+                         "a lower --disc-micro, --grad-ckpt, more GPUs"):
+            for _ in range(args.disc_updates_per_step):
+                dm = discriminator_step(disc, opt_d, framing, mine, rollouts, mode, device, score_reg=args.score_reg,
+                                        score_clip=args.score_clip, grad_clip=args.grad_clip, micro_tokens=args.micro_tokens)
         t_disc = time.time() - t2
 
         # ---- policy update: PPO clipped loss with the alignment advantages (REINFORCE when on-policy) -------------
         items = [data.join_response(enc[r.prompt], r.ids) for r in rollouts]
         up = {"grad_norm": float("nan"), "t_update": 0.0, "skipped": 0}
         if step >= args.disc_warmup_steps:
-            up = rl.update_policy(policy, opt_p, items, adv.tolist(), items[0], cfg, args.lr, pad_id, device, ref)
+            with M.oom_guard("the policy update", f"{len(items)} sequences on this rank, the longest "
+                             f"{max(len(it['input_ids']) for it in items)} tokens, --micro-batch {cfg.micro_batch} "
+                             f"--micro-tokens {cfg.micro_tokens}", "a lower --micro-batch or --micro-tokens, --grad-ckpt"):
+                up = rl.update_policy(policy, opt_p, items, adv.tolist(), items[0], cfg, args.lr, pad_id, device, ref)
         n_skipped += up["skipped"] + dm["skipped"]
         bad_in_row = bad_in_row + 1 if up["skipped"] or dm["skipped"] else 0
         if bad_in_row >= args.max_bad_steps:

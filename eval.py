@@ -72,9 +72,11 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
     rows = []
     for i in tqdm(range(0, len(mine), batch_size), desc=desc, disable=rank != 0, leave=False):
         chunk, pr = mine[i:i + batch_size], prompts[i:i + batch_size]
-        greedy = engine.generate(infer, pr, tok, device, max_new_tokens, temperature=0, hf=hf)
-        sampled = engine.generate(infer, [q for q in pr for _ in range(samples)], tok, device, max_new_tokens, temperature,
-                             hf=hf) if samples else []
+        with M.oom_guard("evaluation", f"{len(pr)} prompts x {1 + samples} responses of up to {max_new_tokens} tokens",
+                         "a lower --batch-size or --max-new-tokens"):
+            greedy = engine.generate(infer, pr, tok, device, max_new_tokens, temperature=0, hf=hf)
+            sampled = engine.generate(infer, [q for q in pr for _ in range(samples)], tok, device, max_new_tokens,
+                                      temperature, hf=hf) if samples else []
         for j, ex in enumerate(chunk):
             text = tok.decode(greedy[j], skip_special_tokens=True)
             r = verify.reward(text, ex.answer, ex.equivalents)

@@ -8,10 +8,14 @@ Qwen3-VL-MoE + a score head). Generation lives in engine.py.
     python model.py export --disc runs/x/align/disc --out runs/x/disc-release    # the release's warm-up layout
 """
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -42,7 +46,54 @@ def init_dist():
             torch.cuda.set_device(device)
         # a process group of one, so FSDP2 and every collective run the same code as under torchrun (no port needed)
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if dist.get_world_size() > 1:
+        threading.Thread(target=watch_for_abort, daemon=True).start()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+ABORT_KEY = "prism/abort"
+_aborting = threading.Event()  # set on the rank that posts the abort
+
+
+def watch_for_abort(every=0.2):
+    """Every rank's watcher (a thread): once another rank has posted why it stops (oom_guard), print it and exit, rather
+    than wait in a collective for a rank that has left."""
+    store = dist.distributed_c10d._get_default_store()
+    while True:
+        time.sleep(every)
+        try:
+            if store.check([ABORT_KEY]) and not _aborting.is_set():
+                print(f"rank {dist.get_rank()}: stopping, because {store.get(ABORT_KEY).decode()}", file=sys.stderr, flush=True)
+                os._exit(1)
+        except Exception:  # the store went away: the run is ending anyway
+            return
+
+
+def is_oom(e):
+    """A CUDA out-of-memory, also the kind NCCL reports when it cannot allocate its buffers."""
+    return isinstance(e, torch.OutOfMemoryError) or any(s in str(e) for s in ("out of memory", "Failed to CUDA calloc"))
+
+
+@contextlib.contextmanager
+def oom_guard(phase, sizes, flags):
+    """Turn an out-of-memory inside `phase` into one message that every rank prints: the phase, its sizes, the memory,
+    and the flags that make it fit. The rank that ran out posts the message in the process group's store (the other
+    ranks' watch_for_abort prints it and exits) and stops."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
+        mem = f"{torch.cuda.max_memory_allocated() / 1e9:.1f} GB peak of {torch.cuda.get_device_properties(0).total_memory / 1e9:.0f} GB" \
+            if torch.cuda.is_available() else "host memory"
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        msg = f"rank {rank} ran out of memory in {phase} ({sizes}; {mem}). To fit: {flags}"
+        print(f"rank {rank}: {msg}", file=sys.stderr, flush=True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            _aborting.set()  # this rank's own watcher stays quiet
+            dist.distributed_c10d._get_default_store().set(ABORT_KEY, msg)
+            time.sleep(2)  # the watchers read it before this rank's exit ends the job
+        raise SystemExit(1) from None
 
 
 def print0(*a, **k):

@@ -400,11 +400,13 @@ if __name__ == "__main__":
         # ---- rollouts: G per prompt, each group whole on this rank -------------------------------------------------
         t0 = time.time()
         torch.manual_seed(args.seed * 100003 + step * 101 + rank)  # sampling noise: a function of (seed, step, rank)
-        generated = groups = rollout(pos, P_rank)
-        pos += P
-        kept_ratio = 1.0
-        if args.algo == "dapo":
-            groups, generated, pos, kept_ratio = dapo_fill(groups, pos)
+        with M.oom_guard("the rollouts", f"{P_rank * G} sequences per rank, --gen-batch {args.gen_batch}, up to "
+                         f"{args.max_prompt_len} + {args.max_new_tokens} tokens", "a lower --gen-batch or --max-new-tokens"):
+            generated = groups = rollout(pos, P_rank)
+            pos += P
+            kept_ratio = 1.0
+            if args.algo == "dapo":
+                groups, generated, pos, kept_ratio = dapo_fill(groups, pos)
         t_gen = time.time() - t0
 
         # ---- advantages: group normalisation of the rewards, broadcast to every response token --------------------
@@ -420,7 +422,10 @@ if __name__ == "__main__":
 
         # ---- policy update ---------------------------------------------------------------------------------------
         placeholder = items[0] if items else data.join_response(data.render_chat(processor, prompts[0]), [pad_id])
-        up = update_policy(policy, opt, items, adv, placeholder, cfg, lr_at(step), pad_id, device, ref)
+        with M.oom_guard("the policy update", f"{len(items)} sequences on this rank, the longest "
+                         f"{max(len(it['input_ids']) for it in items)} tokens, --micro-batch {cfg.micro_batch} --micro-tokens "
+                         f"{cfg.micro_tokens}", "a lower --micro-batch or --micro-tokens, --grad-ckpt, more GPUs"):
+            up = update_policy(policy, opt, items, adv, placeholder, cfg, lr_at(step), pad_id, device, ref)
         n_skipped_steps += up["skipped"]
         bad_in_row = bad_in_row + up["skipped"] if up["skipped"] else 0
         if bad_in_row >= args.max_bad_steps:

@@ -207,11 +207,13 @@ for step in range(start, steps + 1):
     n_tok_local = sum(int((it["labels"] != -100).sum()) for it in items)
     n_tok, n_in = M.all_sum([n_tok_local, sum(len(it["input_ids"]) for it in items)], device)
     loss_sum = 0.0
-    for b in micro_batches(items):
-        lp = policy(b)  # (B, T) log-probs of the supervised tokens, 0 elsewhere
-        loss = -lp.sum() / max(n_tok, 1.0)  # this micro-batch's share of the global token-mean loss
-        loss.backward()
-        loss_sum += loss.item()
+    with M.oom_guard("the SFT step", f"{len(items)} examples on this rank, the longest {max(len(it['input_ids']) for it in items)} "
+                     f"tokens, --micro-batch {args.micro_batch}", "a lower --micro-batch or --max-len, --grad-ckpt"):
+        for b in micro_batches(items):
+            lp = policy(b)  # (B, T) log-probs of the supervised tokens, 0 elsewhere
+            loss = -lp.sum() / max(n_tok, 1.0)  # this micro-batch's share of the global token-mean loss
+            loss.backward()
+            loss_sum += loss.item()
     loss_sum = M.all_sum(loss_sum, device)
     gnorm = M.clip_grad(policy, args.grad_clip)
     if not math.isfinite(gnorm) or not math.isfinite(loss_sum):  # the grad norm is global, so every rank agrees here

@@ -183,12 +183,14 @@ for step in range(start, steps + 1):
     t0 = time.time()
     idx = data.stream_indices(len(train), args.seed, step * B, B)  # this step's global batch of pairs
     mine = [train[i] for i in idx[rank * (B // world):(rank + 1) * (B // world)]]
-    sc, aux, tie = align.score_segments(disc, framing, pair_seqs(mine), device, pad, grad=True, with_aux=True)
-    loss_pairs, cw, tw = bt_pairs(sc)
-    # the global mean over the step's B pairs (each rank holds B / world of them; the gradient contract of model.shard)
-    # + the router aux loss, whose mean over ranks the summed gradients give by dividing by world
-    loss = loss_pairs.sum() / B + args.aux_coef * aux / world + tie
-    loss.backward()
+    with M.oom_guard("the warm-up step", f"{len(mine)} pairs on this rank, --disc-micro {framing.micro}",
+                     "a lower --disc-micro, --grad-ckpt, more GPUs"):
+        sc, aux, tie = align.score_segments(disc, framing, pair_seqs(mine), device, pad, grad=True, with_aux=True)
+        loss_pairs, cw, tw = bt_pairs(sc)
+        # the global mean over the step's B pairs (each rank holds B / world of them; the gradient contract of model.shard)
+        # + the router aux loss, whose mean over ranks the summed gradients give by dividing by world
+        loss = loss_pairs.sum() / B + args.aux_coef * aux / world + tie
+        loss.backward()
     gnorm = M.clip_grad(disc, args.grad_clip)
     lr = lr_at(step)
     if math.isfinite(gnorm):  # global: every rank takes or skips the step together

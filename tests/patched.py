@@ -9,6 +9,8 @@ PATCH_GENERATE replaces engine.generate:
   mixed        a function of the prompt and the sample's index k within its group only (so 1 and 2 processes generate the
                same batch): even k a valid response answering str(k) (with k + 1 reasoning lines), odd k invalid text.
                With PATCH_GROUP=G, k is the global row index (rank x rows per rank + i) mod G: for groups split over ranks.
+PATCH_OOM=RANK:WHERE raises a CUDA out-of-memory on that rank in engine.generate (WHERE generate) or in model.token_logprobs
+(WHERE logprobs: every training forward).
 PATCH_NO_DROPOUT=1 turns dropout off (the discriminator's score dropout: 1 and 2 processes draw different masks).
 PATCH_NAN=RANK:CALLS poisons one gradient with NaN on that rank just before the given (1-based, comma-separated, or "all")
 calls of model.clip_grad, i.e. a non-finite gradient on one rank of a data-parallel step."""
@@ -54,6 +56,21 @@ def scripted(prompts, tokenizer):
 
 if os.environ.get("PATCH_GENERATE"):
     engine.generate = scripted_generate
+
+if os.environ.get("PATCH_OOM"):  # a CUDA out-of-memory on one rank: in the rollouts (generate) or the update (logprobs)
+    import torch
+    oom_rank, oom_where = os.environ["PATCH_OOM"].split(":")
+
+    def out_of_memory(real):
+        def f(*a, **k):
+            if RANK == int(oom_rank):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by tests/patched.py)")
+            return real(*a, **k)
+        return f
+    if oom_where == "generate":
+        engine.generate = out_of_memory(engine.generate)
+    else:
+        M.token_logprobs = out_of_memory(M.token_logprobs)
 
 if os.environ.get("PATCH_NO_DROPOUT"):  # the discriminator's score dropout draws from each rank's own RNG stream
     import torch

@@ -174,3 +174,14 @@ def test_packed_vision_attention_equals_the_per_image_path(processor, monkeypatc
         outs.append((out.detach(), hf.model.visual.blocks[0].attn.qkv.weight.grad.clone()))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-4)
+
+
+def test_oom_guard_names_the_phase_and_lets_other_errors_through(dist1, capsys):
+    for err in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"),
+                RuntimeError("NCCL error: unhandled cuda error, NCCL version 2.27: Failed to CUDA calloc async 4 bytes")):
+        with pytest.raises(SystemExit) as e, M.oom_guard("the policy update", "64 sequences", "a lower --micro-batch"):
+            raise err
+        assert e.value.code == 1
+        assert "rank 0: rank 0 ran out of memory in the policy update (64 sequences; " in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="shape mismatch"), M.oom_guard("x", "y", "z"):
+        raise RuntimeError("shape mismatch")

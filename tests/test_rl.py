@@ -222,6 +222,16 @@ def test_rl_nan_on_one_rank_and_a_rank_without_images(world, tiny_dirs, tmp_path
     assert [m["skipped"] for m in recs] == [1, 0] and recs[-1]["skipped_steps"] == 1
 
 
+@pytest.mark.parametrize("where,phase", [("logprobs", "the policy update"), ("generate", "the rollouts")])
+def test_an_out_of_memory_on_one_rank_stops_both_with_the_phase_and_the_flags(world, tiny_dirs, tmp_path, where, phase):
+    r = run("rl.py", *rl_args(world, tiny_dirs[0], str(tmp_path / "rl"), steps=2), nproc=2, check=False, timeout=240,
+            env={**MIXED, "PATCH_OOM": f"1:{where}"})
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert f"rank 1: rank 1 ran out of memory in {phase} (" in out and "To fit: a lower --" in out
+    assert f"rank 0: stopping, because rank 1 ran out of memory in {phase}" in out  # not left waiting in a collective
+
+
 def test_a_world_size_that_does_not_divide_the_prompts_is_refused(world, tiny_dirs, tmp_path):
     r = run("rl.py", *rl_args(world, tiny_dirs[0], str(tmp_path / "r"), prompts=3), nproc=2, check=False, timeout=120)
     assert r.returncode != 0 and "--prompts 3 must be divisible by the world size 2" in r.stdout + r.stderr
