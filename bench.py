@@ -12,8 +12,9 @@ MFU counts 6 N FLOPs per token (N = decoder + output-layer parameters) plus caus
 (fwd + bwd), against 989 TFLOP/s of bf16 per H100.
 rollout: decode time per step of the static-cache loop (engine.decode) and of plain generate() with the dynamic cache, in
 the same run, on the bf16 inference copy, for prompts of one image + text; ms per step is (time for --new tokens - time for
-1 token) / (--new - 1), so the prefill is excluded. The floor: bytes read per step (bf16 weights + the KV cache at the
-mean context) over 3.35 TB/s. Results are printed as JSON lines (and appended to --out).
+1 token) / (--new - 1), so the prefill is excluded. The floor: bytes read per step (bf16 weights + the filled part of the
+KV cache at the mean context) over the card's memory bandwidth (its datasheet figure from BANDWIDTH, else measured by a
+device-to-device copy). Results are printed as JSON lines (and appended to --out).
 align: one full alignment step, i.e. align.py itself run on --steps steps (--config policy, an upcycled --disc-config
 discriminator with 4 experts, top-2), on --prompts prompts x --group-size rollouts of --new tokens, prompts of one
 448x448 image + --prompt text tokens, teacher segments of the same length as the responses; reports align.py's time split
@@ -77,6 +78,25 @@ p.add_argument("--concurrent", type=int, nargs="*", default=[1, 4, 8], help="pip
 p.add_argument("--out", default=None, help="append the result JSON lines to this file")
 args = p.parse_args()
 dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+# datasheet memory bandwidth (bytes/s) of known cards, matched in order against the device name
+BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H20", 4.0e12), ("B200", 8.0e12), ("GH200", 4.0e12),
+             ("A100 80GB PCIe", 1.935e12), ("A100-SXM4-80GB", 2.039e12), ("A100", 1.555e12), ("L40S", 0.864e12)]
+
+
+def bandwidth():
+    """(bytes/s, source) of this card: the datasheet figure when the name is known, else measured by copying 4 GiB on
+    the device (bytes read + written over the time), which reads ~85-90% of a datasheet figure."""
+    for name, bw in BANDWIDTH:
+        if name in dev_name:
+            return bw, f"datasheet ({name})"
+    x, y = torch.empty(1 << 31, dtype=torch.bfloat16, device="cuda"), torch.empty(1 << 31, dtype=torch.bfloat16, device="cuda")
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 10 * 2 * x.numel() * 2 / (time.time() - t0), "measured (device copy)"
 
 
 def emit(res):
@@ -262,6 +282,7 @@ if args.what == "rollout":
     L = len(prompt["input_ids"])
     kv_per_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, bf16 bytes
     w_bytes = 2 * (n_dec + cfg.vocab_size * cfg.hidden_size)
+    bw, bw_source = bandwidth()
 
     def timed(fn):
         torch.cuda.synchronize() if device.type == "cuda" else None
@@ -285,7 +306,9 @@ if args.what == "rollout":
             res[f"{name}_tok_s"] = B * (args.new - 1) / (tn - t1)
         res["ratio_static_vs_hf"] = res["hf_generate_ms_per_step"] / res["static_ms_per_step"]
         # (same tokens? a random model's near-uniform logits flip under bf16 rounding: greedy_check.py, trained policy)
-        res["floor_ms_per_step"] = (w_bytes + B * kv_per_tok * (L + args.new / 2)) / 3.35e12 * 1e3
+        res["floor_ms_per_step"] = (w_bytes + B * kv_per_tok * (L + args.new / 2)) / bw * 1e3
+        res["bandwidth_tb_s"], res["bandwidth_source"] = bw / 1e12, bw_source
+        res["x_floor"] = res["static_ms_per_step"] / res["floor_ms_per_step"]
         res["peak_mem_gb"] = M.peak_mem_gb()
         emit(res)
     dist.destroy_process_group()
