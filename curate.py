@@ -195,6 +195,7 @@ async def ask_teacher(jobs, cache, cache_path, args, stats, show=False):
                     if e.status_code < 500:  # a request the endpoint will never accept (too large, bad content)
                         stats["retries"]["rejected"] = stats["retries"].get("rejected", 0) + 1
                         stats["failed"] += 1
+                        stats["failed_by_reason"]["rejected"] = stats["failed_by_reason"].get("rejected", 0) + 1
                         break
                     reason = "5xx"
                 except (ValueError, openai.APIResponseValidationError):  # a body that is not the protocol's JSON
@@ -202,6 +203,7 @@ async def ask_teacher(jobs, cache, cache_path, args, stats, show=False):
                 stats["retries"][reason] = stats["retries"].get(reason, 0) + 1
                 if attempt == args.max_retries:
                     stats["failed"] += 1
+                    stats["failed_by_reason"][reason] = stats["failed_by_reason"].get(reason, 0) + 1  # the last error
                     break
                 # exponential backoff with full jitter, at least the server's Retry-After
                 await asyncio.sleep(max(wait, rng.uniform(0, min(args.backoff_max, args.backoff * 2 ** attempt))))
@@ -355,7 +357,8 @@ def main():
     for f in sorted(os.listdir(os.path.join(args.out, "cache"))):  # every rank's answers: a resume may change the world size
         path = os.path.join(args.out, "cache", f)
         cache.update({r["key"]: r["answer"] for r in read_jsonl(path, repair=path == own)})
-    stats = {"calls": 0, "cached": 0, "failed": 0, "retries": {}, "prompt_tokens": 0, "completion_tokens": 0}
+    stats = {"calls": 0, "cached": 0, "failed": 0, "failed_by_reason": {}, "retries": {}, "prompt_tokens": 0,
+             "completion_tokens": 0}
     mine = dict(zip(todo, asyncio.run(ask_teacher(jobs, cache, own, args, stats, rank == 0))))
 
     # ---- 3 and 4: gather every rank's answers and stats, clean up, write -----------------------------------------
@@ -363,7 +366,7 @@ def main():
     dist.all_gather_object(gathered, (mine, stats), group=slow)
     if rank == 0:
         answers = {i: [None] * args.teacher_samples for i in sent}
-        total = {"calls": 0, "cached": 0, "failed": 0, "retries": {}, "prompt_tokens": 0, "completion_tokens": 0}
+        total = {k: {} if isinstance(v, dict) else 0 for k, v in stats.items()}
         for m, st in gathered:
             for (i, s), a in m.items():
                 answers[i][s] = a
@@ -377,7 +380,8 @@ def main():
             hist[f"{c}/{args.samples}"] = hist.get(f"{c}/{args.samples}", 0) + 1
         summary = {"problems": len(pool) + len(skipped), "usable": len(pool), "pass_rate_histogram": dict(sorted(hist.items())),
                    "kept": len(kept), "sent_to_teacher": len(sent), "demonstrations": n_demos, "teacher_calls": total["calls"],
-                   "teacher_cached": total["cached"], "teacher_failed": total["failed"], "retries_by_reason": total["retries"],
+                   "teacher_cached": total["cached"], "teacher_failed": total["failed"],
+                   "teacher_failed_by_reason": total["failed_by_reason"], "retries_by_reason": total["retries"],
                    "prompt_tokens": total["prompt_tokens"], "completion_tokens": total["completion_tokens"],
                    "drops_by_reason": drops, "wall_s": round(time.time() - t0, 1)}
         with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -51,7 +51,8 @@ def ask(examples, url, *extra, cache=None, path=os.devnull):
     args = args_for(url, *extra)
     jobs = [(lambda ex=ex: curate.teacher_request(ex, curate.TEACHER_SYSTEM_PROMPT, args, 0), {"where": ex.where})
             for ex in examples]
-    stats = {"calls": 0, "cached": 0, "failed": 0, "retries": {}, "prompt_tokens": 0, "completion_tokens": 0}
+    stats = {"calls": 0, "cached": 0, "failed": 0, "failed_by_reason": {}, "retries": {}, "prompt_tokens": 0,
+             "completion_tokens": 0}
     answers = asyncio.run(curate.ask_teacher(jobs, {} if cache is None else cache, path, args, stats))
     return {ex.where: a for ex, a in zip(examples, answers)}, stats
 
@@ -80,7 +81,7 @@ def test_the_oracle_refuses_what_it_cannot_answer(world, tmp_path):
     with Teacher(world[0]) as t:
         answers, stats = ask([odd_q, odd_img], t.url)
     assert answers == {"odd:0": None, "odd:1": None}
-    assert stats["failed"] == 2 and stats["retries"] == {"rejected": 2} and stats["calls"] == 2
+    assert stats["failed"] == 2 and stats["retries"] == {"rejected": 2} == stats["failed_by_reason"] and stats["calls"] == 2
 
 
 @pytest.mark.parametrize("kind", data.FAULTS)
@@ -91,6 +92,7 @@ def test_every_fault_is_retried_then_counted_as_failed(world, kind):
         server = t.stats()
     assert set(answers.values()) == {None}
     assert stats["calls"] == 6 and stats["failed"] == 2 and stats["retries"] == {REASON[kind]: 6}
+    assert stats["failed_by_reason"] == {REASON[kind]: 2}
     assert server["faults"] == {kind: 6} and server["requests"] == 6
 
 
