@@ -774,8 +774,8 @@ def serve_teacher(data_dir, host="127.0.0.1", port=0, error_rate=0.0, error_kind
     (every object with its cell, step-by-step reasoning over that list, the answer). Faults for tests and demos: a share
     `error_rate` of requests fails with one of `error_kinds` (chosen by a hash of the request body and of how often this
     server has seen it, so a re-run meets the same faults), and a share `mistake_rate` of requests is answered wrongly
-    (by a hash of the body alone: the same request, the same answer). Returns the
-    server (not yet serving: call serve_forever); its port is server.server_address[1]."""
+    (by a hash of the body alone: the same request, the same answer). Returns the server (not yet serving: call
+    serve_forever); its port is server.server_address[1]."""
     import base64
     import threading
     import time
