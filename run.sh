@@ -40,13 +40,13 @@ if [ "$QUICK" = 1 ]; then
   SFT_STEPS=40; WARM_EPOCHS=1; ALIGN_STEPS=3; RL_STEPS=3; EVAL_N=32; G=4; P=4; TEMP=0.7; POOL=16; K=2
 elif [ "$GPU" = 1 ]; then
   DATA_ARGS="--n-sft 16000 --n-align 512 --n-rl 2048 --n-eval 400 --n-hard 400 --n-warmup 2048"
-  SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=40; EVAL_N=400; G=8; P=8; TEMP=1.0; RL_LR=3e-5; POOL=1024; K=8
+  SFT_STEPS=600; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=40; EVAL_N=400; G=8; P=8; TEMP=1.0; RL_LR=3e-5; POOL=2048; K=8
   # a 34M model's whole rollout batch fits one forward: few, large micro-batches keep the GPU busy
   UPDATE_ARGS="--micro-batch 64 --micro-tokens 65536 --disc-micro 128"; RL_UPDATE_ARGS="--micro-batch 64 --micro-tokens 65536"
   EVAL_BATCH=400
 else
   DATA_ARGS=""
-  SFT_STEPS=600; WARM_EPOCHS=0.1; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=200; G=8; P=4; TEMP=0.7; DISC_LR=1e-4; POOL=64; K=4
+  SFT_STEPS=600; WARM_EPOCHS=0.1; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=200; G=8; P=4; TEMP=0.7; DISC_LR=1e-4; POOL=512; K=4
 fi
 P=$(( (P + NPROC - 1) / NPROC * NPROC ))  # prompts per step: a multiple of the process count
 
