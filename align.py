@@ -445,9 +445,10 @@ if __name__ == "__main__":
         items = [data.join_response(enc[r.prompt], r.ids) for r in rollouts]
         up = {"grad_norm": float("nan"), "t_update": 0.0, "skipped": 0}
         if step >= args.disc_warmup_steps:
-            with M.oom_guard("the policy update", f"{len(items)} sequences on this rank, the longest "
-                             f"{max(len(it['input_ids']) for it in items)} tokens, --micro-batch {cfg.micro_batch} "
-                             f"--micro-tokens {cfg.micro_tokens}", "a lower --micro-batch or --micro-tokens, --grad-ckpt"):
+            longest = max((len(it["input_ids"]) for it in items), default=0)
+            with M.oom_guard("the policy update", f"{len(items)} sequences on this rank, the longest {longest} tokens, "
+                             f"--micro-batch {cfg.micro_batch} --micro-tokens {cfg.micro_tokens}",
+                             "a lower --micro-batch or --micro-tokens, --grad-ckpt"):
                 up = rl.update_policy(policy, opt_p, items, adv.tolist(), items[0], cfg, args.lr, pad_id, device, ref)
         n_skipped += up["skipped"] + dm["skipped"]
         bad_in_row = bad_in_row + 1 if up["skipped"] or dm["skipped"] else 0

@@ -84,8 +84,8 @@ def oom_guard(phase, sizes, flags):
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not is_oom(e):
             raise
-        mem = f"{torch.cuda.max_memory_allocated() / 1e9:.1f} GB peak of {torch.cuda.get_device_properties(0).total_memory / 1e9:.0f} GB" \
-            if torch.cuda.is_available() else "host memory"
+        mem = "host memory" if not torch.cuda.is_available() else f"{torch.cuda.max_memory_allocated() / 1e9:.1f} GB " \
+            f"peak of {torch.cuda.get_device_properties(0).total_memory / 1e9:.0f} GB"
         rank = dist.get_rank() if dist.is_initialized() else 0
         msg = f"rank {rank} ran out of memory in {phase} ({sizes}; {mem}). To fit: {flags}"
         print(f"rank {rank}: {msg}", file=sys.stderr, flush=True)

@@ -422,9 +422,10 @@ if __name__ == "__main__":
 
         # ---- policy update ---------------------------------------------------------------------------------------
         placeholder = items[0] if items else data.join_response(data.render_chat(processor, prompts[0]), [pad_id])
-        with M.oom_guard("the policy update", f"{len(items)} sequences on this rank, the longest "
-                         f"{max(len(it['input_ids']) for it in items)} tokens, --micro-batch {cfg.micro_batch} --micro-tokens "
-                         f"{cfg.micro_tokens}", "a lower --micro-batch or --micro-tokens, --grad-ckpt, more GPUs"):
+        longest = max((len(it["input_ids"]) for it in items), default=0)
+        with M.oom_guard("the policy update", f"{len(items)} sequences on this rank, the longest {longest} tokens, "
+                         f"--micro-batch {cfg.micro_batch} --micro-tokens {cfg.micro_tokens}",
+                         "a lower --micro-batch or --micro-tokens, --grad-ckpt, more GPUs"):
             up = update_policy(policy, opt, items, adv, placeholder, cfg, lr_at(step), pad_id, device, ref)
         n_skipped_steps += up["skipped"]
         bad_in_row = bad_in_row + up["skipped"] if up["skipped"] else 0

@@ -207,8 +207,9 @@ for step in range(start, steps + 1):
     n_tok_local = sum(int((it["labels"] != -100).sum()) for it in items)
     n_tok, n_in = M.all_sum([n_tok_local, sum(len(it["input_ids"]) for it in items)], device)
     loss_sum = 0.0
-    with M.oom_guard("the SFT step", f"{len(items)} examples on this rank, the longest {max(len(it['input_ids']) for it in items)} "
-                     f"tokens, --micro-batch {args.micro_batch}", "a lower --micro-batch or --max-len, --grad-ckpt"):
+    longest = max((len(it["input_ids"]) for it in items), default=0)
+    with M.oom_guard("the SFT step", f"{len(items)} examples on this rank, the longest {longest} tokens, --micro-batch "
+                     f"{args.micro_batch}", "a lower --micro-batch or --max-len, --grad-ckpt"):
         for b in micro_batches(items):
             lp = policy(b)  # (B, T) log-probs of the supervised tokens, 0 elsewhere
             loss = -lp.sum() / max(n_tok, 1.0)  # this micro-batch's share of the global token-mean loss
