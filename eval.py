@@ -74,9 +74,9 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
         chunk, pr = mine[i:i + batch_size], prompts[i:i + batch_size]
         with M.oom_guard("evaluation", f"{len(pr)} prompts x {1 + samples} responses of up to {max_new_tokens} tokens",
                          "a lower --batch-size or --max-new-tokens"):
-            greedy = engine.generate(infer, pr, tok, device, max_new_tokens, temperature=0, hf=hf)
+            greedy = engine.generate(infer, pr, tok, device, max_new_tokens, temperature=0, batch_size=batch_size, hf=hf)
             sampled = engine.generate(infer, [q for q in pr for _ in range(samples)], tok, device, max_new_tokens,
-                                      temperature, hf=hf) if samples else []
+                                      temperature, batch_size=batch_size, hf=hf) if samples else []
         for j, ex in enumerate(chunk):
             text = tok.decode(greedy[j], skip_special_tokens=True)
             r = verify.reward(text, ex.answer, ex.equivalents)
@@ -96,6 +96,9 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
         res[f"pass@{samples}"] = sum(max(r["sample_acc"]) for r in rows) / n
     res.update(drift([r["text"] for r in rows], [r["teacher"] for r in rows if r["teacher"]]))
     res["examples"] = [{k: r[k] for k in ("where", "text", "acc")} for r in rows[:3]]
+    # per prompt, for paired comparisons between stages (the same prompts in the same order): greedy acc, its length,
+    # and the sampled accuracies
+    res["per_prompt"] = [{"where": r["where"], "acc": r["acc"], "len": r["len"], "sample_acc": r["sample_acc"]} for r in rows]
     res["t_generate"] = time.time() - t0  # rendering, generation and scoring of this file (seconds)
     return res
 

@@ -39,6 +39,9 @@ def check_pipeline(env, run):
     assert json.load(open(os.path.join(run, "align", "run_config.json")))["data"].endswith("curated/align.parquet")
     assert 0 < s["demonstrations"] <= s["kept"] <= s["usable"] == 16 and s["teacher_calls"] >= s["sent_to_teacher"]
     assert f"of 16 pool problems, {s['kept']} were unsolved" in open(os.path.join(run, "report.md")).read()
+    # eval.json keeps the per-prompt results that paired comparisons between stages need
+    for split, r in json.load(open(os.path.join(run, "sft", "eval.json")))["results"].items():
+        assert len(r["per_prompt"]) == r["n"] == 32 and sum(p["acc"] for p in r["per_prompt"]) / r["n"] == r["acc"]
     # the report's figures exist beside it (matplotlib is a pinned dependency)
     figs = re.findall(r"!\[[^]]*\]\(([^)]+)\)", open(os.path.join(run, "report.md")).read())
     assert sorted(figs) == ["align_gap.png", "drift.png", "rl_curves.png"]
