@@ -553,30 +553,33 @@ def describe(o):
 
 
 def make_question(rng, objs, hard=False):
-    """A question about a scene. Types: count, attribute, multiple choice, two-part, arithmetic; the hard split adds
-    conjunction counts ("red circles"), a composition never seen in training. solve() answers it."""
+    """(question, type) about a scene. Types: count, attribute, choice (multiple choice), pair (two-part), arith; the hard
+    split adds conj, conjunction counts ("red circles"), a composition never seen in training. solve() answers it."""
     kind = rng.choice(["count", "count", "attribute", "choice", "pair", "arith"] + (["conj", "conj"] if hard else []))
 
     def prop():  # a property to count: a colour or a shape
         return f"{rng.choice(list(COLOURS))} shapes" if rng.random() < 0.5 else PLURAL[rng.choice(SHAPES)]
 
-    if kind == "count":
-        return f"How many {prop()} are there?"
-    if kind == "conj":
-        c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        return f"How many {c} {PLURAL[s]} are there?"
-    if kind in ("attribute", "choice"):
-        o, attr = rng.choice(objs), rng.choice(["colour", "shape"])
-        q = f"What is the {attr} of the object in row {o[0]}, column {o[1]}?"
-        if kind == "attribute":
-            return q
-        opts = list(COLOURS) if attr == "colour" else list(SHAPES)
-        rng.shuffle(opts)
-        return q + " " + " ".join(f"({LETTERS[i]}) {v}" for i, v in enumerate(opts))
-    if kind == "pair":
-        return f"How many {prop()} and how many {prop()} are there?"
-    n1, n2 = prop(), prop()
-    return f"What is the number of {n1} {'plus' if rng.random() < 0.5 else 'minus'} the number of {n2}?"
+    def question():
+        if kind == "count":
+            return f"How many {prop()} are there?"
+        if kind == "conj":
+            c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+            return f"How many {c} {PLURAL[s]} are there?"
+        if kind in ("attribute", "choice"):
+            o, attr = rng.choice(objs), rng.choice(["colour", "shape"])
+            q = f"What is the {attr} of the object in row {o[0]}, column {o[1]}?"
+            if kind == "attribute":
+                return q
+            opts = list(COLOURS) if attr == "colour" else list(SHAPES)
+            rng.shuffle(opts)
+            return q + " " + " ".join(f"({LETTERS[i]}) {v}" for i, v in enumerate(opts))
+        if kind == "pair":
+            return f"How many {prop()} and how many {prop()} are there?"
+        n1, n2 = prop(), prop()
+        return f"What is the number of {n1} {'plus' if rng.random() < 0.5 else 'minus'} the number of {n2}?"
+
+    return question(), kind
 
 
 def solve(question, objs):
@@ -700,7 +703,7 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
     from tqdm import tqdm
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    texts, splits, scenes = [], {}, []
+    texts, splits, scenes, seen = [], {}, [], {"train": set(), "eval": set()}
     plan = [("sft", n_sft, False), ("align", n_align, False), ("rl", n_rl, False), ("eval", n_eval, False),
             ("eval_hard", n_hard, True), ("warmup", n_warmup, False)]
     bar = tqdm(total=sum(n for _, n, _ in plan), desc="synthetic world", unit="ex")
@@ -708,8 +711,16 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
         rows = []
         for i in range(n):
             lo, hi = hard_objects if hard else (min_objects, max_objects)
-            img, objs = draw_scene(rng, grid, cell, rng.randint(lo, hi))
-            q = make_question(rng, objs, hard)
+            side, other = ("eval", "train") if name.startswith("eval") else ("train", "eval")
+            for _ in range(10000):  # a held-out (scene, question) pair is never in any training split, and vice versa
+                img, objs = draw_scene(rng, grid, cell, rng.randint(lo, hi))
+                q, kind = make_question(rng, objs, hard)
+                if (tuple(objs), q) not in seen[other]:
+                    break
+            else:
+                raise SystemExit(f"{name}: no (scene, question) pair left outside the {other} splits: the world is too "
+                                 f"small for these split sizes (grow --grid or --max-objects, or ask for fewer examples)")
+            seen[side].add((tuple(objs), q))
             ans, lines, eq = solve(q, objs)
             cap, cot = high_fidelity(objs, lines)
             rel, png = f"images/{name}_{i:06d}.png", png_bytes(img)
@@ -743,7 +754,7 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
                                                                  {"role": "user", "content": user}],
                              "images": image_col, "reward_model": {"style": "rule", "ground_truth": ans,
                                                                    "equivalent_answers": eq or ["__EMPTY__"]},
-                             "extra_info": {"index": i, "answer": ans, "question": q, "n_objects": len(objs)},
+                             "extra_info": {"index": i, "answer": ans, "question": q, "kind": kind, "n_objects": len(objs)},
                              "teacher_caption": cap, "teacher_cot": f"{cot}\n<answer>{ans}</answer>"})
             texts.append(q)
             bar.update()

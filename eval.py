@@ -32,6 +32,13 @@ def caption_items(text):
     return 0 if m is None else sum(bool(re.match(r"\s*(?:[-*•]|\d+[.)])\s+", ln)) for ln in m.group(1).splitlines())
 
 
+def caption_lines(text):
+    """The caption block's non-empty lines, stripped and sorted (an order-free reading of what it lists); None without
+    a caption block."""
+    m = re.search(r"<caption>(.*?)</caption>", text, re.DOTALL)
+    return None if m is None else sorted(ln.strip() for ln in m.group(1).splitlines() if ln.strip())
+
+
 def reasoning_steps(text):
     """Non-empty lines in the think block; 0 when there is no think block."""
     m = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
@@ -84,7 +91,9 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
                  for t in sampled[j * samples:(j + 1) * samples]]
             rows.append({"where": ex.where, "text": text, "acc": r["acc"], "format": r["format"], "len": len(greedy[j]),
                          "sample_acc": s, "teacher": (ex.teacher_caption + "\n" + ex.teacher_cot) if ex.teacher_caption
-                         and ex.teacher_cot else None})
+                         and ex.teacher_cot else None, "kind": ex.extra.get("kind"),
+                         "caption_exact": None if not ex.teacher_caption else
+                         float(caption_lines(text) == caption_lines(ex.teacher_caption))})
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     rows = [r for g in gathered for r in g]
@@ -95,10 +104,17 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
         res[f"mean@{samples}"] = sum(sum(r["sample_acc"]) / samples for r in rows) / n
         res[f"pass@{samples}"] = sum(max(r["sample_acc"]) for r in rows) / n
     res.update(drift([r["text"] for r in rows], [r["teacher"] for r in rows if r["teacher"]]))
+    exact = [r["caption_exact"] for r in rows if r["caption_exact"] is not None]
+    if exact:  # perception: the greedy caption lists exactly what the teacher's does
+        res["caption_exact"] = sum(exact) / len(exact)
+    kinds = sorted({r["kind"] for r in rows if r["kind"]})
+    if kinds:  # accuracy per question type (the data's extra_info.kind)
+        res["acc_by_kind"] = {k: sum(r["acc"] for r in rows if r["kind"] == k) / sum(r["kind"] == k for r in rows)
+                              for k in kinds}
     res["examples"] = [{k: r[k] for k in ("where", "text", "acc")} for r in rows[:3]]
     # per prompt, for paired comparisons between stages (the same prompts in the same order): greedy acc, its length,
     # and the sampled accuracies
-    res["per_prompt"] = [{"where": r["where"], "acc": r["acc"], "len": r["len"], "sample_acc": r["sample_acc"]} for r in rows]
+    res["per_prompt"] = [{k: r[k] for k in ("where", "acc", "len", "sample_acc", "kind", "caption_exact")} for r in rows]
     res["t_generate"] = time.time() - t0  # rendering, generation and scoring of this file (seconds)
     return res
 
@@ -139,6 +155,17 @@ def write_report(run):
         e, h = r.get("eval", {}), r.get("eval_hard", {})
         lines.append(f"| {label} | {f(e, 'acc')} | {f(h, 'acc')} | {f(e, 'format')} | {f(e, 'length')} | "
                      f"{f(e, 'w1_caption_items')} | {f(e, 'w1_reasoning_steps')} |")
+    kinds = sorted({k for _, r in res.values() for s in r.values() for k in s.get("acc_by_kind", {})})
+    if kinds:  # perception and reasoning apart: captions read right, and accuracy per question type (both splits pooled)
+        lines += ["", "Caption exact = the greedy caption lists exactly the teacher caption's lines (the objects read "
+                  "right); accuracy per question type over the held-out and hard prompts together.", "",
+                  "| stage | caption exact (held-out) | caption exact (hard) | " + " | ".join(kinds) + " |",
+                  "|---" * (len(kinds) + 3) + "|"]
+        for label, (_, r) in res.items():
+            pp = [p for s in r.values() for p in s.get("per_prompt", [])]
+            by = [sum(p["acc"] for p in pp if p["kind"] == k) / max(1, sum(p["kind"] == k for p in pp)) for k in kinds]
+            lines.append(f"| {label} | {f(r.get('eval', {}), 'caption_exact')} | {f(r.get('eval_hard', {}), 'caption_exact')} | "
+                         + " | ".join(f"{v:.3f}" for v in by) + " |")
     cur = os.path.join(run, "curated", "summary.json")
     if os.path.isfile(cur):  # the alignment set's curation (curate.py)
         s, c = json.load(open(cur)), json.load(open(os.path.join(run, "curated", "run_config.json")))

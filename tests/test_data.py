@@ -94,6 +94,34 @@ def test_generator_is_deterministic(world, tmp_path):
     assert open(os.path.join(third, "sft.jsonl")).read() != open(os.path.join(world[0], "sft.jsonl")).read()
 
 
+def test_held_out_pairs_are_never_in_training_and_solve_gives_the_ground_truth(tmp_path):
+    """In a world of one-object scenes (108 of them, few questions each), training draws repeat (scene, question) pairs
+    often, so held-out draws would too; none of the eval pairs is in sft, align, rl or warm-up. The scene table holds every
+    image, and solve() on its objects reproduces each record's answer and its type."""
+    import hashlib
+    out = str(tmp_path / "w")
+    data.make_synthetic(out, seed=0, n_sft=400, n_align=16, n_rl=64, n_eval=64, n_hard=0, n_warmup=64, min_objects=1,
+                        max_objects=1)
+    scenes = {r["sha256"]: tuple(map(tuple, r["objects"])) for r in map(json.loads, open(os.path.join(out, data.SCENES)))}
+    read = lambda rel: open(os.path.join(out, rel), "rb").read()  # noqa: E731
+    pairs = {}
+    for r in map(json.loads, open(os.path.join(out, "sft.jsonl"))):
+        pairs.setdefault("sft", []).append((scenes[hashlib.sha256(read(r["images"][0])).hexdigest()],
+                                            r["messages"][1]["content"].split("\n", 1)[1]))
+    for r in map(json.loads, open(os.path.join(out, "warmup.jsonl"))):
+        pairs.setdefault("warmup", []).append((scenes[hashlib.sha256(read(r["image"])).hexdigest()], r["prompt"].split("\n", 1)[1]))
+    for name in ("align", "rl", "eval"):
+        for r in pq.read_table(os.path.join(out, f"{name}.parquet")).to_pylist():
+            objs = scenes[hashlib.sha256(r["images"][0]["bytes"]).hexdigest()]
+            q = r["extra_info"]["question"]
+            pairs.setdefault(name, []).append((objs, q))
+            assert data.solve(q, objs)[0] == r["reward_model"]["ground_truth"]
+            assert r["extra_info"]["kind"] in ("count", "attribute", "choice", "pair", "arith")
+    train = set(pairs["sft"] + pairs["align"] + pairs["rl"] + pairs["warmup"])
+    assert len(set(pairs["sft"])) < len(pairs["sft"]) - 20  # the space is small: training repeats itself
+    assert not set(pairs["eval"]) & train and len(pairs["eval"]) == 64
+
+
 def test_hard_split_has_more_objects(world):
     n = [r["extra_info"]["n_objects"] for r in world[1]["eval"]]
     h = [r["extra_info"]["n_objects"] for r in world[1]["eval_hard"]]

@@ -41,7 +41,13 @@ def check_pipeline(env, run):
     assert f"of 16 pool problems, {s['kept']} were unsolved" in open(os.path.join(run, "report.md")).read()
     # eval.json keeps the per-prompt results that paired comparisons between stages need
     for split, r in json.load(open(os.path.join(run, "sft", "eval.json")))["results"].items():
-        assert len(r["per_prompt"]) == r["n"] == 32 and sum(p["acc"] for p in r["per_prompt"]) / r["n"] == r["acc"]
+        pp = r["per_prompt"]
+        assert len(pp) == r["n"] == 32 and sum(p["acc"] for p in pp) / r["n"] == r["acc"]
+        assert r["caption_exact"] == sum(p["caption_exact"] for p in pp) / len(pp)  # the world's splits carry teacher text
+        for kind, acc in r["acc_by_kind"].items():
+            assert acc == sum(p["acc"] for p in pp if p["kind"] == kind) / sum(p["kind"] == kind for p in pp)
+    assert "| stage | caption exact (held-out) | caption exact (hard) | arith | attribute | choice | conj | count | pair |" in \
+        open(os.path.join(run, "report.md")).read()
     # the report's figures exist beside it (matplotlib is a pinned dependency)
     figs = re.findall(r"!\[[^]]*\]\(([^)]+)\)", open(os.path.join(run, "report.md")).read())
     assert sorted(figs) == ["align_gap.png", "drift.png", "rl_curves.png"]
@@ -67,3 +73,11 @@ def report_rows(run):
         if len(cells) == 7 and cells[0] and not cells[0].startswith("-") and cells[0] != "stage":
             rows[cells[0]] = cells[1:]
     return rows
+
+
+def test_caption_lines_read_what_a_caption_lists_in_any_order():
+    import eval as E
+    a = "<caption>\n- row 2, column 1: red circle\n - row 1, column 1: blue square\n\n</caption>\n<think>x</think><answer>1</answer>"
+    b = "<caption>- row 1, column 1: blue square\n- row 2, column 1: red circle</caption>"
+    assert E.caption_lines(a) == E.caption_lines(b) == ["- row 1, column 1: blue square", "- row 2, column 1: red circle"]
+    assert E.caption_lines(a.replace("red", "blue")) != E.caption_lines(b) and E.caption_lines("no blocks") is None
