@@ -8,6 +8,7 @@ Qwen3-VL-MoE + a score head). Generation lives in engine.py.
     python model.py export --disc runs/x/align/disc --out runs/x/disc-release    # the release's warm-up layout
 """
 
+import atexit
 import contextlib
 import json
 import os
@@ -47,20 +48,23 @@ def init_dist():
         # a process group of one, so FSDP2 and every collective run the same code as under torchrun (no port needed)
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     if dist.get_world_size() > 1:
-        threading.Thread(target=watch_for_abort, daemon=True).start()
+        watcher = threading.Thread(target=watch_for_abort, daemon=True)
+        watcher.start()
+        # stopped and joined before the interpreter tears down (a thread inside a store call then aborts the process)
+        atexit.register(lambda: (_watch_stop.set(), watcher.join()))
     return dist.get_rank(), dist.get_world_size(), device
 
 
 ABORT_KEY = "prism/abort"
 _aborting = threading.Event()  # set on the rank that posts the abort
+_watch_stop = threading.Event()
 
 
 def watch_for_abort(every=0.2):
     """Every rank's watcher (a thread): once another rank has posted why it stops (oom_guard), print it and exit, rather
     than wait in a collective for a rank that has left."""
     store = dist.distributed_c10d._get_default_store()
-    while True:
-        time.sleep(every)
+    while not _watch_stop.wait(every) and dist.is_initialized():
         try:
             if store.check([ABORT_KEY]) and not _aborting.is_set():
                 print(f"rank {dist.get_rank()}: stopping, because {store.get(ABORT_KEY).decode()}", file=sys.stderr, flush=True)
