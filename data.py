@@ -126,12 +126,17 @@ IMAGE_CACHE_BYTES = 2 << 30  # processed images kept (pixel values), least recen
 _image_cache, _image_cache_bytes = {}, [0]
 
 
+def image_ident(ref):
+    """An image ref's identity: the hash of its bytes, else its path."""
+    if isinstance(ref, dict) and ref.get("bytes"):
+        return hashlib.blake2b(ref["bytes"], digest_size=16).hexdigest()
+    return ref["path"] if isinstance(ref, dict) else ref
+
+
 def processed_image(processor, ref, where, max_pixels, max_side=None):
     """(pixel_values (P, D), image_grid_thw (1, 3)) of one image, as the processor computes them, cached: a prompt's image
     is decoded and processed once for all its rollouts, scores and updates, not once per sequence."""
-    ident = hashlib.blake2b(ref["bytes"], digest_size=16).hexdigest() if isinstance(ref, dict) and ref.get("bytes") else \
-        (ref["path"] if isinstance(ref, dict) else ref)
-    key = (id(processor), ident, max_pixels, max_side)
+    key = (id(processor), image_ident(ref), max_pixels, max_side)
     if key in _image_cache:
         _image_cache[key] = _image_cache.pop(key)  # most recently used: to the end
         return _image_cache[key]
@@ -225,11 +230,21 @@ def render_chat(processor, ex, response=None, max_pixels=560 * 560, with_images=
     return out
 
 
+SEGMENT_CACHE_ENTRIES = 8192
+_segment_cache = {}
+
+
 def render_segment(processor, ex, segment, system=None, max_pixels=560 * 560, max_side=None, with_images=True):
     """A segment framed for the discriminator as the release's warm-up frames it: system (`system`, else the record's),
     user (images + question), assistant = the segment, rendered by the chat template WITHOUT a generation prompt and
     tokenised whole, so the text ends with the end-of-turn token and the template's newline after it, the position the
-    score is read at. Returns input_ids, mm_token_type_ids (L,) and the images' pixel_values, image_grid_thw."""
+    score is read at. Returns input_ids, mm_token_type_ids (L,) and the images' pixel_values, image_grid_thw. Kept for
+    later calls (the game scores a segment, then trains on it; a teacher segment comes back with its prompt): the
+    template and the tokenizer take ~2 ms a segment. The tensors are shared: read them, don't write them."""
+    key = (id(processor), tuple(image_ident(r) for r in ex.images), ex.question, ex.system, segment, system, max_pixels,
+           max_side, with_images)
+    if key in _segment_cache:
+        return _segment_cache[key]
     images = [processed_image(processor, r, ex.where, max_pixels, max_side) for r in ex.images] if with_images else []
     question = ex.question if with_images else ex.question.replace(IMAGE_MARKER, "")
     messages = [{"role": "system", "content": system or ex.system}] if system or ex.system else []
@@ -238,6 +253,9 @@ def render_segment(processor, ex, segment, system=None, max_pixels=560 * 560, ma
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     out = encode_text(processor, text, images)
     out["labels"] = torch.full_like(out["input_ids"], -100)
+    if len(_segment_cache) >= SEGMENT_CACHE_ENTRIES:
+        _segment_cache.pop(next(iter(_segment_cache)))  # the oldest out
+    _segment_cache[key] = out
     return out
 
 
@@ -291,12 +309,19 @@ def stream_indices(n, seed, start, count):
     return [perm(pos // n)[pos % n] for pos in range(start, start + count)]
 
 
+GPU_PAD_MULTIPLE = 64
+
+
 def collate(items, pad_id, left=False):
     """Pad a list of render_chat dicts into a batch (on the right; on the left for generation prompts): input_ids,
     attention_mask, labels, mm_token_type_ids (B, T); pixel_values (sum P, D) and image_grid_thw (n_images, 3) concatenated
     in batch order (absent when no item has images); rollout_logprobs (B, T) at the supervised positions when every item
-    has them (join_response)."""
+    has them (join_response). On a GPU, T is rounded up to a multiple of GPU_PAD_MULTIPLE: a bounded set of shapes, so
+    cuDNN's attention reuses its plans (a new shape costs ~4 ms of host time per attention call) and a compiled block
+    its graphs."""
     B, T = len(items), max(len(it["input_ids"]) for it in items)
+    if torch.cuda.is_available():
+        T = -(-T // GPU_PAD_MULTIPLE) * GPU_PAD_MULTIPLE
     batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long), "attention_mask": torch.zeros(B, T, dtype=torch.long),
              "labels": torch.full((B, T), -100, dtype=torch.long), "mm_token_type_ids": torch.zeros(B, T, dtype=torch.long)}
     for i, it in enumerate(items):

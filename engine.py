@@ -8,6 +8,7 @@ once and sampling on the device. `generate(..., hf=True)` uses Hugging Face gene
 the same greedy tokens in fp32 (tested).
 """
 
+import weakref
 from functools import partial
 
 import torch
@@ -17,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 import data
-from model import model_inputs
+from model import model_inputs, rope_positions
 
 
 @torch.no_grad()
@@ -101,6 +102,8 @@ def cuda_graph(fn):
 
 
 _side_stream = _compiled_step = None
+_kept = {}  # (model, batch, slots, sampling) -> the decode step's cache, inputs and CUDA graph, while small
+KEEP_CACHE_BYTES = 1 << 30
 COMPILE_MIN_WIDTH_X_DEPTH = 2048 * 16  # hidden size x layers from which the decode step is compiled (small: 512 x 8)
 
 
@@ -114,8 +117,9 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
     """The fast rollout path: one prefill, then a decode loop over a static KV cache (on a GPU the step is replayed as a
     CUDA graph, compiled first for large models; attention reads each K/V head once, gqa_decode_attention); sampling stays
     on the device and the host looks at the `done` flags only every `check_every` steps (early exit once all have ended).
-    The cache and the graph live for this call alone: between rollout phases their memory (16 rows x 8.4k slots of the 4B
-    are 20 GB) goes back to training. Greedy output equals generate()'s (tested).
+    A cache of up to KEEP_CACHE_BYTES and its graph are kept for the next call of the same shape; a larger one lives for
+    this call alone, so that between rollout phases its memory goes back to training. Greedy output equals generate()'s
+    (tested).
     batch: collate(left=True) output. Returns the new tokens (B, n <= max_new_tokens), `pad` after each sequence's eos, and
     their log-probs under the sampling distribution (B, n), 0 after eos."""
     global _compiled_step
@@ -130,40 +134,51 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
             raise SystemExit(f"rollout: the KV cache of {B} sequences x {n} slots needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB "
                              "is free: lower --gen-batch (sequences per generation call) or --max-new-tokens")
     inputs = model_inputs(batch, device)
-    cache = StaticCache(config=infer.config, max_cache_len=n)
     am = inputs["attention_mask"]
-    mask = torch.cat([am, am.new_ones(B, n - L)], 1)  # (B, n): padding masked, causality does the rest
-    ban = torch.zeros(text_cfg.vocab_size, dtype=torch.bool, device=device)
-    ban[banned] = True
-    # the step's inputs, updated in place (a CUDA graph replays on fixed addresses)
-    tok = torch.zeros(B, dtype=torch.long, device=device)
-    slot = torch.full((1,), L, dtype=torch.long, device=device)  # advanced on the device: no host copy per step
-    delta = torch.zeros(B, 1, dtype=torch.long, device=device)
     attn, text_cfg._attn_implementation = text_cfg._attn_implementation, "gqa_decode"  # this call only (not generate())
     # compile the step only where the kernels' work outweighs their launches (the 4B: fused norms and rotary pay, ~80 s of
     # compilation per shape); a small model's step is launch-bound, and the CUDA graph alone removes the launches
     compiled = cuda and text_cfg.hidden_size * text_cfg.num_hidden_layers >= COMPILE_MIN_WIDTH_X_DEPTH
     try:
         trunk_ = infer.model
-        if compiled and _compiled_step is None:
-            torch._dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length): a few per stage
-            _compiled_step = torch.compile(decode_step, dynamic=False)
-        step = partial(_compiled_step if compiled else decode_step, trunk_.language_model, infer.lm_head, tok, slot, delta,
-                       mask, cache, temperature, top_p, ban)
-        if cuda:  # capture before the prefill: the warm-up writes a step into the cache, which reset() then clears
-            cache.early_initialization(B, text_cfg.num_key_value_heads, text_cfg.head_dim, infer.dtype, device)
-            step = cuda_graph(step)
+        key = (id(infer), B, n, temperature, top_p, tuple(banned))
+        st = _kept.get(key)
+        if st is None or st["model"]() is not infer:  # a new cache, its step's inputs (updated in place: a CUDA graph replays on fixed addresses), the graph
+            _kept.clear()
+            st = dict(model=weakref.ref(infer), cache=StaticCache(config=infer.config, max_cache_len=n),
+                      mask=torch.ones(B, n, dtype=am.dtype, device=device),  # (B, n): padding masked, causality does the rest
+                      ban=torch.zeros(text_cfg.vocab_size, dtype=torch.bool, device=device),
+                      tok=torch.zeros(B, dtype=torch.long, device=device),
+                      slot=torch.full((1,), L, dtype=torch.long, device=device),  # advanced on the device: no host copy
+                      delta=torch.zeros(B, 1, dtype=torch.long, device=device))
+            st["ban"][banned] = True
+            if compiled and _compiled_step is None:
+                torch._dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length): a few per stage
+                _compiled_step = torch.compile(decode_step, dynamic=False)
+            st["step"] = partial(_compiled_step if compiled else decode_step, trunk_.language_model, infer.lm_head,
+                                 st["tok"], st["slot"], st["delta"], st["mask"], st["cache"], temperature, top_p, st["ban"])
+            if cuda:  # capture before the prefill: the warm-up writes a step into the cache, which reset() below clears
+                st["cache"].early_initialization(B, text_cfg.num_key_value_heads, text_cfg.head_dim, infer.dtype, device)
+                st["step"] = cuda_graph(st["step"])
+            # a small cache and its graph stay for the next call of the same shape (a capture is ~0.1 s); a large one
+            # goes back to training between rollout phases (16 rows x 8.4k slots of the 4B are 20 GB)
+            if cuda and need <= KEEP_CACHE_BYTES:
+                _kept[key] = st
+        cache, mask, ban, tok, slot, delta, step = (st[k] for k in ("cache", "mask", "ban", "tok", "slot", "delta", "step"))
+        if cuda:
             cache.reset()
+        mask[:, :L] = am
+        mask[:, L:] = 1
+        slot.fill_(L)
         n_real = am.sum(1, keepdim=True)  # (B, 1) tokens that are not left padding
-        if "pixel_values" in inputs:  # prefill; the model computes the M-RoPE positions and their deltas from the images
-            h = trunk_(**inputs, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-            rope_delta = trunk_.rope_deltas.view(B, 1)
-        else:  # text only: positions count the real tokens, as generate() does
-            pos = (am.cumsum(-1) - 1).clamp(min=0).view(1, B, L).expand(3, B, L)
-            h = trunk_(**inputs, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-            rope_delta = 0
-        # a generated token's position, on all three M-RoPE axes: its index among the row's real tokens + the prompt's
-        # delta (the vision tokens' positions compress), i.e. its cache slot - the row's left padding + the delta
+        # prefill at the M-RoPE positions (computed on the host; text only: the real tokens counted, as generate() does)
+        pos = rope_positions(trunk_, batch)
+        if pos is None:
+            pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0).view(1, B, L).expand(3, B, L)
+        h = trunk_(**inputs, position_ids=pos.to(device), past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        # a generated token's position, on all three M-RoPE axes: the row's next position after its prompt (the vision
+        # tokens' positions compress, so it is below the token count), i.e. its cache slot - the left padding + delta
+        rope_delta = pos.amax((0, 2)).view(B, 1).to(device) + 1 - n_real
         delta.copy_(rope_delta - (L - n_real))
         out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
         out_lp = torch.zeros(B, max_new_tokens, device=device)

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -318,27 +319,42 @@ def model_inputs(batch, device):
     return {k: batch[k].to(device) for k in keys if k in batch}
 
 
-PACKED_VISION_MAX_PATCHES = 4096  # up to this many patches per batch, the vision attention runs as one masked call
+_vision_sizes = [None, None]  # (the cu_seqlens tensor last seen, its images' patch counts on the host)
 
 
 def packed_vision_attention(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
-    """Qwen3-VL's vision attention over all the images of a batch in one SDPA call, a block-diagonal mask keeping each
-    image's patches to themselves. transformers' SDPA path splits the batch per image (with a host sync, .tolist()) and runs
-    one attention each: at the miniature's 16-64 small images per batch, a GPU idle between dozens of tiny kernels per
-    layer. hidden_states (N, D) patches of all images; cu_seqlens (n_images + 1,) their boundaries. Larger batches (or a
-    flash-attention model) take transformers' own path."""
-    n = hidden_states.shape[0]
-    if n > PACKED_VISION_MAX_PATCHES or self.config._attn_implementation != "sdpa":
+    """Qwen3-VL's vision attention with the images of a batch stacked by size: one SDPA call per distinct patch count, over
+    (images, heads, patches, d) with no mask (the fused flash kernel). transformers' SDPA path runs one attention call
+    per image: at the miniature's 16-130 small images per forward, a GPU idle between hundreds of tiny kernels per layer
+    (and ~0.3 ms of host time each). hidden_states (N, D) patches of all images; cu_seqlens (n_images + 1,) their
+    boundaries, read on the host once per forward (every block gets the same tensor). A flash-attention model takes
+    transformers' own path (varlen kernels)."""
+    if self.config._attn_implementation != "sdpa":
         return type(self)._transformers_forward(self, hidden_states, cu_seqlens, position_embeddings, **kwargs)
     from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+    if _vision_sizes[0] is not cu_seqlens:
+        _vision_sizes[:] = [cu_seqlens, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()]
+    sizes = _vision_sizes[1]
+    n = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, h, d) each
     q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
-    image = torch.bucketize(torch.arange(n, device=q.device), cu_seqlens[1:], right=True)  # (N,) each patch's image
-    mask = (image[:, None] == image[None, :])[None, None]  # (1, 1, N, N)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0,
-                                         scale=self.scaling)  # (1, h, N, d)
-    return self.proj(out[0].transpose(0, 1).reshape(n, -1))
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    by_size = {}  # patch count -> the images of that size
+    for i, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(i)
+    outs, order = [], []
+    for size, imgs in by_size.items():
+        rows = slice(0, n) if len(by_size) == 1 else \
+            torch.cat([torch.arange(starts[i], starts[i] + size) for i in imgs]).to(q.device)  # their patches, in order
+        qs, ks, vs = (t[rows].view(len(imgs), size, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (m, h, P, d)
+        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=self.attention_dropout if self.training else 0.0,
+                                           scale=self.scaling)  # (m, h, P, d)
+        outs.append(o.transpose(1, 2).reshape(len(imgs) * size, -1))
+        order.append(rows)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)[torch.cat(order).argsort()]  # back to the batch's patch order
+    return self.proj(out)
 
 
 def use_packed_vision_attention():
@@ -353,14 +369,40 @@ def use_packed_vision_attention():
 use_packed_vision_attention()
 
 
-def rope_positions(t, batch, device):
-    """The M-RoPE positions (3, B, T) of a batch with images, computed on the host from its CPU tensors (the trunk's own
-    get_rope_index loops over samples and images with a host sync each on GPU tensors); None without images."""
+def rope_positions(t, batch, device=None):
+    """The M-RoPE positions (3, B, T) of a batch with images, computed on the host from its CPU tensors, as transformers'
+    get_rope_index computes them (tested equal) without its per-token Python loop: text tokens count up on all three
+    axes; an image's merged patches at (s, s + row, s + col), s the position after the text before it, and the text after
+    it continues at s + max(rows, cols). Padding (attention_mask 0) stays 0. None without images."""
     if "pixel_values" not in batch:
         return None
-    pos, _ = t.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                              image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
-    return pos.to(device)
+    mm, am = batch["mm_token_type_ids"].numpy(), batch["attention_mask"].numpy().astype(bool)
+    grids = batch["image_grid_thw"].tolist()
+    merge = t.config.vision_config.spatial_merge_size
+    B, T = mm.shape
+    pos, g = np.zeros((3, B, T), dtype=np.int64), 0
+    for b in range(B):
+        types = mm[b, am[b]]
+        if types.max(initial=0) > 1:
+            raise ValueError("video tokens: rope_positions handles images only")
+        row = np.empty((3, len(types)), dtype=np.int64)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], types, [0]])))  # each image run's start and end
+        cur = done = 0
+        for s, e in zip(edges[::2], edges[1::2]):
+            row[:, done:s] = cur + np.arange(s - done)  # the text before the image
+            cur += s - done
+            nt, h, w = grids[g][0], grids[g][1] // merge, grids[g][2] // merge
+            g += 1
+            if nt * h * w != e - s:
+                raise ValueError(f"row {b}: an image of {e - s} tokens for a grid of {nt}x{h}x{w} merged patches")
+            row[0, s:e] = cur + np.repeat(np.arange(nt), h * w)
+            row[1, s:e] = cur + np.tile(np.repeat(np.arange(h), w), nt)
+            row[2, s:e] = cur + np.tile(np.arange(w), nt * h)
+            cur, done = cur + max(h, w), e
+        row[:, done:] = cur + np.arange(len(types) - done)
+        pos[:, b, am[b]] = row
+    pos = torch.from_numpy(pos)
+    return pos.to(device) if device is not None else pos
 
 
 def hidden_states(model, batch, device):

@@ -182,9 +182,11 @@ def val_loss():
 # -----------------------------------------------------------------------------
 # training loop
 
+# on a GPU, workers render ahead (~4 ms of chat template and image processing per example: 64 examples need several
+# workers to keep up with a small model's step); this process's share of the host's cores, at most 8
+workers = min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)) if device.type == "cuda" else 0
 batches = iter(torch.utils.data.DataLoader(Steps(), batch_size=None, sampler=range(start, steps), collate_fn=lambda x: x,
-                                           num_workers=2 if device.type == "cuda" else 0,
-                                           prefetch_factor=8 if device.type == "cuda" else None))
+                                           num_workers=workers, prefetch_factor=4 if workers else None))
 bar = tqdm(total=steps, initial=start, desc="sft", disable=rank != 0, dynamic_ncols=True)
 bad_in_row = n_skipped_steps = 0
 policy.train()

@@ -155,9 +155,32 @@ def test_crafted_pickles_are_refused(tiny_dirs, tmp_path, processor):
         assert src.count("torch.load(") == src.count("weights_only=True"), name
 
 
+def test_rope_positions_equal_transformers_get_rope_index(processor, tmp_path):
+    """The host M-RoPE positions against transformers' own: rows of one image, of two images of different sizes (text
+    between and after them), and without images, padded on the right (training) and on the left (generation)."""
+    import numpy as np
+    from PIL import Image
+    for i, (w, h) in enumerate([(64, 64), (96, 32), (32, 80)]):
+        Image.fromarray(np.random.RandomState(i).randint(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    exs = [data.Example(question="<image> how many?", images=[str(tmp_path / "0.png")], where="a"),
+           data.Example(question="first <image> then <image> which?", images=[str(tmp_path / "1.png"),
+                        str(tmp_path / "2.png")], where="b"),
+           data.Example(question="no image here at all, just text", images=[], where="c")]
+    items = [data.render_chat(processor, ex, "a reply of some length") for ex in exs]
+    t = M.load_policy("tiny", processor, torch.device("cpu")).model
+    for left in (False, True):
+        b = data.collate(items, pad_id=0, left=left)
+        ref, _ = t.get_rope_index(b["input_ids"], mm_token_type_ids=b["mm_token_type_ids"],
+                                  image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"])
+        got = M.rope_positions(t, b)
+        assert got.shape == ref.shape == (3, 3, b["input_ids"].shape[1])
+        assert torch.equal(got, ref)
+        assert len(set(got[1, 1].tolist())) < b["attention_mask"][1].sum()  # the image rows share positions
+
+
 def test_packed_vision_attention_equals_the_per_image_path(processor, monkeypatch):
-    """The vision tower over images of three sizes: one masked attention call per layer gives transformers' per-image
-    attention, forward and backward."""
+    """The vision tower over images of three sizes (and of one): one attention call per image size gives transformers'
+    per-image attention, forward and backward."""
     import numpy as np
     from PIL import Image
     hf = M.load_policy("tiny", processor, torch.device("cpu"), seed=0)
@@ -165,15 +188,18 @@ def test_packed_vision_attention_equals_the_per_image_path(processor, monkeypatc
             for i in range(5)]
     enc = processor.image_processor(images=imgs, return_tensors="pt")
     assert len(set(enc["image_grid_thw"].prod(1).tolist())) == 3
-    outs = []
-    for limit in (M.PACKED_VISION_MAX_PATCHES, 0):  # packed, then transformers' own path
-        monkeypatch.setattr(M, "PACKED_VISION_MAX_PATCHES", limit)
-        hf.zero_grad()
-        out = hf.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
-        (out ** 2).sum().backward()
-        outs.append((out.detach(), hf.model.visual.blocks[0].attn.qkv.weight.grad.clone()))
-    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-4)
+    one = processor.image_processor(images=imgs[:1] * 3, return_tensors="pt")  # three images of one size
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
+    for e in (enc, one):
+        outs = []
+        for forward in (M.packed_vision_attention, Qwen3VLVisionAttention._transformers_forward):
+            monkeypatch.setattr(Qwen3VLVisionAttention, "forward", forward)
+            hf.zero_grad()
+            out = hf.model.visual(e["pixel_values"], grid_thw=e["image_grid_thw"]).pooler_output
+            (out ** 2).sum().backward()
+            outs.append((out.detach(), hf.model.visual.blocks[0].attn.qkv.weight.grad.clone()))
+        torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-4)
 
 
 def test_oom_guard_names_the_phase_and_lets_other_errors_through(dist1, capsys):
