@@ -3,8 +3,8 @@ Rollouts: the generation engine shared by align.py, rl.py and eval.py (nanochat'
 
 The training model is sharded; generation runs on a plain inference copy (make_inference_copy) refreshed once per rollout
 phase (sync_weights). `generate` batches prompt encodings and decodes them with `decode`: one prefill, then a loop over a
-static KV cache whose step is compiled and replayed as a CUDA graph on a GPU, with a GQA attention that reads each K/V head
-once and sampling on the device. `generate(..., hf=True)` uses Hugging Face generate() instead: the readable reference, with
+static KV cache whose step (decode_step, the decoder layers written out for one token) is replayed as a CUDA graph on a
+GPU, compiled first for large models, with sampling on the device. `generate(..., hf=True)` uses Hugging Face generate() instead: the readable reference, with
 the same greedy tokens in fp32 (tested).
 """
 
@@ -13,9 +13,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers import StaticCache
 
 import data
 from model import model_inputs, rope_positions
@@ -59,30 +57,47 @@ def sample(logits, temperature, top_p, banned):
     return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
 
 
-def gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-    """Attention of one new token per row that reads each K/V head once: the g = H / Hkv query heads sharing a K/V head
-    are g query rows of one attention over it (Hugging Face's SDPA path with a mask first copies K and V g times, which
-    made the decode step memory-bound on the copies). query (B, H, 1, D), key/value (B, Hkv, n, D), attention_mask
-    (B, 1, 1, n) bool or None; returns (B, 1, H, D). The prefill (longer queries) takes the SDPA path."""
-    B, H, q, D = query.shape
-    if q > 1 or dropout:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
-    out = F.scaled_dot_product_attention(query.view(B, key.shape[1], H // key.shape[1], D), key, value,
-                                         attn_mask=attention_mask, scale=scaling)  # (B, Hkv, g, D); query head = kv head * g + i
-    return out.reshape(B, 1, H, D), None
-
-
-AttentionInterface.register("gqa_decode", gqa_decode_attention)
-AttentionMaskInterface.register("gqa_decode", sdpa_mask)
-
-
 def decode_step(lm, head, tok, slot, delta, mask, cache, temperature, top_p, ban):
-    """One decode step of the language model: tok (B,) written at cache slot `slot` (1,), delta (B, 1) the rows' position
-    offsets -> (the next tokens (B,), their log-probs (B,)). On a GPU it runs compiled and replayed as a CUDA graph."""
-    pos = (slot + delta).view(1, -1, 1).expand(4, -1, 1)  # text row + the three M-RoPE rows, (4, B, 1)
-    h = lm(inputs_embeds=lm.embed_tokens(tok[:, None]), position_ids=pos, attention_mask=mask, past_key_values=cache,
-           cache_position=slot, use_cache=True).last_hidden_state[:, -1]
-    return sample(head(h), temperature, top_p, ban)
+    """One decode step of the language model, written out (Hugging Face's decoder layer launches ~55 kernels per layer
+    for one token, this ~25: the step of a small model is launch-bound, and a CUDA graph replays every kernel it holds).
+    tok (B,) written at cache slot `slot` (1,); delta (B, 1) the rows' position offsets; mask (B, n) the prompts' padding.
+    -> (the next tokens (B,), their log-probs (B,)). The same arithmetic as the layer (tested: greedy tokens equal
+    generate()'s in fp32). A generated token is text, so its three M-RoPE positions are equal and the rotary is the plain
+    one at that position; the deepstack features touch only image positions (the prefill). On a GPU the step is replayed
+    as a CUDA graph (compiled first for large models)."""
+    B = tok.shape[0]
+    x = lm.embed_tokens(tok)  # (B, H)
+    rope = lm.rotary_emb
+    freqs = (slot + delta).view(B, 1).float() * rope.inv_freq.float()  # (B, D/2)
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = ((emb.cos() * rope.attention_scaling).to(x.dtype)[:, None], (emb.sin() * rope.attention_scaling).to(x.dtype)[:, None])
+    keep = (mask.bool() & (torch.arange(mask.shape[1], device=mask.device) <= slot))[:, None, None]  # (B, 1, 1, n)
+    for i, layer in enumerate(lm.layers):
+        a = layer.self_attn
+        h = rms(x, layer.input_layernorm)
+        q = rms(a.q_proj(h).view(B, -1, a.head_dim), a.q_norm)  # (B, Hq, D)
+        k = rms(a.k_proj(h).view(B, -1, a.head_dim), a.k_norm)  # (B, Hkv, D)
+        v = a.v_proj(h).view(B, -1, a.head_dim)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        K, V = cache.layers[i].keys, cache.layers[i].values  # (B, Hkv, n, D)
+        K.index_copy_(2, slot, k[:, :, None])
+        V.index_copy_(2, slot, v[:, :, None])
+        Hkv = K.shape[1]
+        o = F.scaled_dot_product_attention(q.view(B, Hkv, -1, a.head_dim), K, V, attn_mask=keep, scale=a.scaling)
+        x = x + a.o_proj(o.reshape(B, -1))  # (B, Hkv, g, D): query head = kv head * g + j, as in the layer
+        h = rms(x, layer.post_attention_layernorm)
+        m = layer.mlp
+        x = x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
+    return sample(head(rms(x, lm.norm)), temperature, top_p, ban)
+
+
+def rms(x, norm):
+    """Qwen3-VL's RMSNorm module as one fused call: weight * x / sqrt(mean(x^2) + eps) over the last dimension."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def rotate_half(x):
+    return torch.cat([-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]], -1)
 
 
 def cuda_graph(fn):
@@ -115,8 +130,8 @@ def kv_cache_bytes(text_cfg, batch, slots, dtype):
 @torch.no_grad()
 def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1.0, top_p=1.0, check_every=16):
     """The fast rollout path: one prefill, then a decode loop over a static KV cache (on a GPU the step is replayed as a
-    CUDA graph, compiled first for large models; attention reads each K/V head once, gqa_decode_attention); sampling stays
-    on the device and the host looks at the `done` flags only every `check_every` steps (early exit once all have ended).
+    CUDA graph, compiled first for large models); sampling stays on the device and the host looks at the `done` flags
+    only every `check_every` steps (early exit once all have ended).
     A cache of up to KEEP_CACHE_BYTES and its graph are kept for the next call of the same shape; a larger one lives for
     this call alone, so that between rollout phases its memory goes back to training. Greedy output equals generate()'s
     (tested).
@@ -135,67 +150,64 @@ def decode(infer, batch, device, max_new_tokens, eos, pad, banned, temperature=1
                              "is free: lower --gen-batch (sequences per generation call) or --max-new-tokens")
     inputs = model_inputs(batch, device)
     am = inputs["attention_mask"]
-    attn, text_cfg._attn_implementation = text_cfg._attn_implementation, "gqa_decode"  # this call only (not generate())
     # compile the step only where the kernels' work outweighs their launches (the 4B: fused norms and rotary pay, ~80 s of
     # compilation per shape); a small model's step is launch-bound, and the CUDA graph alone removes the launches
     compiled = cuda and text_cfg.hidden_size * text_cfg.num_hidden_layers >= COMPILE_MIN_WIDTH_X_DEPTH
-    try:
-        trunk_ = infer.model
-        key = (id(infer), B, n, temperature, top_p, tuple(banned))
-        st = _kept.get(key)
-        if st is None or st["model"]() is not infer:  # a new cache, its step's inputs (updated in place: a CUDA graph replays on fixed addresses), the graph
-            _kept.clear()
-            st = dict(model=weakref.ref(infer), cache=StaticCache(config=infer.config, max_cache_len=n),
-                      mask=torch.ones(B, n, dtype=am.dtype, device=device),  # (B, n): padding masked, causality does the rest
-                      ban=torch.zeros(text_cfg.vocab_size, dtype=torch.bool, device=device),
-                      tok=torch.zeros(B, dtype=torch.long, device=device),
-                      slot=torch.full((1,), L, dtype=torch.long, device=device),  # advanced on the device: no host copy
-                      delta=torch.zeros(B, 1, dtype=torch.long, device=device))
-            st["ban"][banned] = True
-            if compiled and _compiled_step is None:
-                torch._dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length): a few per stage
-                _compiled_step = torch.compile(decode_step, dynamic=False)
-            st["step"] = partial(_compiled_step if compiled else decode_step, trunk_.language_model, infer.lm_head,
-                                 st["tok"], st["slot"], st["delta"], st["mask"], st["cache"], temperature, top_p, st["ban"])
-            if cuda:  # capture before the prefill: the warm-up writes a step into the cache, which reset() below clears
-                st["cache"].early_initialization(B, text_cfg.num_key_value_heads, text_cfg.head_dim, infer.dtype, device)
-                st["step"] = cuda_graph(st["step"])
-            # a small cache and its graph stay for the next call of the same shape (a capture is ~0.1 s); a large one
-            # goes back to training between rollout phases (16 rows x 8.4k slots of the 4B are 20 GB)
-            if cuda and need <= KEEP_CACHE_BYTES:
-                _kept[key] = st
-        cache, mask, ban, tok, slot, delta, step = (st[k] for k in ("cache", "mask", "ban", "tok", "slot", "delta", "step"))
-        if cuda:
-            cache.reset()
-        mask[:, :L] = am
-        mask[:, L:] = 1
-        slot.fill_(L)
-        n_real = am.sum(1, keepdim=True)  # (B, 1) tokens that are not left padding
-        # prefill at the M-RoPE positions (computed on the host; text only: the real tokens counted, as generate() does)
-        pos = rope_positions(trunk_, batch)
-        if pos is None:
-            pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0).view(1, B, L).expand(3, B, L)
-        h = trunk_(**inputs, position_ids=pos.to(device), past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-        # a generated token's position, on all three M-RoPE axes: the row's next position after its prompt (the vision
-        # tokens' positions compress, so it is below the token count), i.e. its cache slot - the left padding + delta
-        rope_delta = pos.amax((0, 2)).view(B, 1).to(device) + 1 - n_real
-        delta.copy_(rope_delta - (L - n_real))
-        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
-        out_lp = torch.zeros(B, max_new_tokens, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        nxt, lp = sample(infer.lm_head(h), temperature, top_p, ban)
-        for t in range(max_new_tokens):
-            tok.copy_(nxt)
-            out[:, t] = torch.where(done, pad, tok)
-            out_lp[:, t] = torch.where(done, 0.0, lp)
-            done |= tok == eos
-            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
-                return out[:, :t + 1], out_lp[:, :t + 1]
-            nxt, lp = step()
-            slot += 1
-        return out, out_lp
-    finally:
-        text_cfg._attn_implementation = attn
+    trunk_ = infer.model
+    key = (id(infer), B, n, temperature, top_p, tuple(banned))
+    st = _kept.get(key)
+    if st is None or st["model"]() is not infer:
+        # a new cache, the step's inputs (updated in place: a CUDA graph replays on fixed addresses) and the step
+        _kept.clear()
+        st = dict(model=weakref.ref(infer), cache=StaticCache(config=infer.config, max_cache_len=n),
+                  mask=torch.ones(B, n, dtype=am.dtype, device=device),  # (B, n): padding masked, causality does the rest
+                  ban=torch.zeros(text_cfg.vocab_size, dtype=torch.bool, device=device),
+                  tok=torch.zeros(B, dtype=torch.long, device=device),
+                  slot=torch.full((1,), L, dtype=torch.long, device=device),  # advanced on the device: no host copy
+                  delta=torch.zeros(B, 1, dtype=torch.long, device=device))
+        st["ban"][banned] = True
+        if compiled and _compiled_step is None:
+            torch._dynamo.config.cache_size_limit = 64  # one graph per (batch, cache length): a few per stage
+            _compiled_step = torch.compile(decode_step, dynamic=False)
+        st["step"] = partial(_compiled_step if compiled else decode_step, trunk_.language_model, infer.lm_head,
+                             st["tok"], st["slot"], st["delta"], st["mask"], st["cache"], temperature, top_p, st["ban"])
+        if cuda:  # capture before the prefill: the warm-up writes a step into the cache, which reset() below clears
+            st["cache"].early_initialization(B, text_cfg.num_key_value_heads, text_cfg.head_dim, infer.dtype, device)
+            st["step"] = cuda_graph(st["step"])
+        # a small cache and its graph stay for the next call of the same shape (a capture is ~0.1 s); a large one
+        # goes back to training between rollout phases (16 rows x 8.4k slots of the 4B are 20 GB)
+        if cuda and need <= KEEP_CACHE_BYTES:
+            _kept[key] = st
+    cache, mask, ban, tok, slot, delta, step = (st[k] for k in ("cache", "mask", "ban", "tok", "slot", "delta", "step"))
+    if cuda:
+        cache.reset()
+    mask[:, :L] = am
+    mask[:, L:] = 1
+    slot.fill_(L)
+    n_real = am.sum(1, keepdim=True)  # (B, 1) tokens that are not left padding
+    # prefill at the M-RoPE positions (computed on the host; text only: the real tokens counted, as generate() does)
+    pos = rope_positions(trunk_, batch)
+    if pos is None:
+        pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0).view(1, B, L).expand(3, B, L)
+    h = trunk_(**inputs, position_ids=pos.to(device), past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    # a generated token's position, on all three M-RoPE axes: the row's next position after its prompt (the vision
+    # tokens' positions compress, so it is below the token count), i.e. its cache slot - the left padding + delta
+    rope_delta = pos.amax((0, 2)).view(B, 1).to(device) + 1 - n_real
+    delta.copy_(rope_delta - (L - n_real))
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    out_lp = torch.zeros(B, max_new_tokens, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    nxt, lp = sample(infer.lm_head(h), temperature, top_p, ban)
+    for t in range(max_new_tokens):
+        tok.copy_(nxt)
+        out[:, t] = torch.where(done, pad, tok)
+        out_lp[:, t] = torch.where(done, 0.0, lp)
+        done |= tok == eos
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+            return out[:, :t + 1], out_lp[:, :t + 1]
+        nxt, lp = step()
+        slot += 1
+    return out, out_lp
 
 
 @torch.no_grad()

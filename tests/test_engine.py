@@ -46,22 +46,6 @@ def test_static_sampling_respects_top_p_and_banned_tokens():
     torch.testing.assert_close(lp, logits.masked_fill(banned, float("-inf")).log_softmax(-1).gather(-1, draws[:, None])[:, 0])
 
 
-def test_gqa_decode_attention_equals_sdpa_with_repeated_heads():
-    # one query token per row, 8 query heads over 2 K/V heads, left padding and unwritten cache slots masked
-    torch.manual_seed(0)
-    B, H, Hkv, n, D = 3, 8, 2, 10, 16
-    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
-    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
-    mask[0, ..., :3] = False  # row 0: three slots of left padding
-    mask[:, ..., 7:] = False  # slots not written yet
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal, module.training = H // Hkv, True, False
-    out, _ = engine.gqa_decode_attention(module, q, k, v, mask, scaling=0.25)
-    ref = torch.softmax((q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf")), -1) \
-        @ v.repeat_interleave(H // Hkv, 1)  # (B, H, 1, D): query head h reads K/V head h // (H / Hkv)
-    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
-
-
 def test_kv_cache_bytes_is_the_static_cache_allocation(processor):
     """The memory check before a GPU rollout counts what StaticCache allocates (tiny and the 4B's 147 kB per slot)."""
     for name, dtype in (("tiny", torch.float32), ("4b", torch.bfloat16)):
