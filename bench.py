@@ -27,8 +27,8 @@ discriminator update. Saving is skipped (align.py saves only at the end of a run
         --new 6144 --steps 2 --grad-ckpt
 
 pipeline: the miniature as run.sh runs it on one GPU (small config, its batch sizes), stage scripts as subprocesses of the
-code tree --code (default: this one; pass a checkout of another commit to compare in the same run): SFT steps (16
-examples), RL steps (8 prompts x 8 rollouts of <= 256 tokens), alignment steps (the same, discriminator upcycled from the
+code tree --code (default: this one; pass a checkout of another commit to compare in the same run): SFT steps (64
+examples, the miniature's SFT recipe), RL steps (8 prompts x 8 rollouts of <= 256 tokens), alignment steps (the same, discriminator upcycled from the
 SFT policy), eval.py on 400 prompts, then --concurrent RL runs at once on the one GPU. Reports medians of the step times
 after the first two (which compile), the first step, and each process's wall time; one JSON line per measurement.
 
@@ -152,7 +152,7 @@ if args.what == "pipeline":
         shutil.rmtree(os.path.join(W, d), ignore_errors=True)
     t0 = time.time()
     finish([launch("sft.py", "--init", base, "--data", os.path.join(D, "sft.jsonl"), "--out", os.path.join(W, "sft-bench"),
-                   "--steps", 60, "--batch-size", 16, "--micro-batch", 16, "--lr", 3e-4, "--eval-every", 0, "--save-every", 0,
+                   "--steps", 60, "--batch-size", 64, "--micro-batch", 64, "--lr", 3e-4, "--eval-every", 0, "--save-every", 0,
                    "--max-len", 1024, log=os.path.join(W, "sft.log"))], [os.path.join(W, "sft.log")])
     dts, recs = steps(os.path.join(W, "sft-bench"), ["dt"])
     summary("sft", time.time() - t0, dts, tok_s_median=statistics.median(r["tok_s"] for r in recs[2:]))
