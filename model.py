@@ -376,7 +376,8 @@ def rope_positions(t, batch, device=None):
     it continues at s + max(rows, cols). Padding (attention_mask 0) stays 0. None without images."""
     if "pixel_values" not in batch:
         return None
-    mm, am = batch["mm_token_type_ids"].numpy(), batch["attention_mask"].numpy().astype(bool)
+    # FSDP's root moves a batch to the GPU before the forward: then one copy back (the caller's CPU tensors need none)
+    mm, am = batch["mm_token_type_ids"].cpu().numpy(), batch["attention_mask"].cpu().numpy().astype(bool)
     grids = batch["image_grid_thw"].tolist()
     merge = t.config.vision_config.spatial_merge_size
     B, T = mm.shape
