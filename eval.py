@@ -66,6 +66,20 @@ def drift(texts, teacher_texts):
     return out
 
 
+def paired_difference(a, b, n_boot=4000, seed=0):
+    """Greedy accuracy of run b minus run a on the prompts both evaluated (per_prompt records, paired by "where"), with a
+    paired bootstrap 95% interval (prompts resampled with replacement, the same draw for both runs). Returns
+    (difference, low, high, prompts)."""
+    acc_a = {p["where"]: p["acc"] for p in a}
+    pairs = [(acc_a[p["where"]], p["acc"]) for p in b if p["where"] in acc_a]
+    if not pairs:
+        return float("nan"), float("nan"), float("nan"), 0
+    d = torch.tensor([y - x for x, y in pairs], dtype=torch.float64)  # (n,) per-prompt differences
+    idx = torch.randint(len(d), (n_boot, len(d)), generator=torch.Generator().manual_seed(seed))
+    boots = d[idx].mean(1).sort().values  # (n_boot,)
+    return d.mean().item(), boots[int(0.025 * n_boot)].item(), boots[int(0.975 * n_boot) - 1].item(), len(d)
+
+
 @torch.no_grad()
 def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max_new_tokens=512, max_pixels=560 * 560,
              batch_size=64, desc="eval", hf=False):
@@ -166,6 +180,22 @@ def write_report(run):
             by = [sum(p["acc"] for p in pp if p["kind"] == k) / max(1, sum(p["kind"] == k for p in pp)) for k in kinds]
             lines.append(f"| {label} | {f(r.get('eval', {}), 'caption_exact')} | {f(r.get('eval_hard', {}), 'caption_exact')} | "
                          + " | ".join(f"{v:.3f}" for v in by) + " |")
+    pairs = []  # (a, b) for b - a: what each RL arm gained over its start, and the paper's comparison of the two arms
+    for algo in sorted({d.split("-rl-")[1] for d, _ in res.values() if "-rl-" in d}):
+        rl, arl = f"SFT + RL ({algo})", f"SFT + align + RL ({algo})"
+        pairs += [("SFT", rl), ("SFT + align (PRISM)", arl), (rl, arl)]
+    rows = []
+    for x, y in pairs:
+        if x in res and y in res:
+            cells = []
+            for split in ("eval", "eval_hard"):
+                diff, lo, hi, n = paired_difference(res[x][1].get(split, {}).get("per_prompt", []),
+                                                    res[y][1].get(split, {}).get("per_prompt", []))
+                cells.append(f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n})" if n else "-")
+            rows.append(f"| {y} - {x} | " + " | ".join(cells) + " |")
+    if rows:  # what RL and the alignment stage changed, prompt by prompt
+        lines += ["", "Greedy accuracy differences on the same prompts, with paired bootstrap 95% intervals (prompts):", "",
+                  "| difference | held-out | hard |", "|---|---|---|", *rows]
     cur = os.path.join(run, "curated", "summary.json")
     if os.path.isfile(cur):  # the alignment set's curation (curate.py)
         s, c = json.load(open(cur)), json.load(open(os.path.join(run, "curated", "run_config.json")))

@@ -48,6 +48,13 @@ def check_pipeline(env, run):
             assert acc == sum(p["acc"] for p in pp if p["kind"] == kind) / sum(p["kind"] == kind for p in pp)
     assert "| stage | caption exact (held-out) | caption exact (hard) | arith | attribute | choice | conj | count | pair |" in \
         open(os.path.join(run, "report.md")).read()
+    # paired differences between stages: RL's gain over its start on the same prompts, with the interval around it
+    report = open(os.path.join(run, "report.md")).read()
+    res = {d: json.load(open(os.path.join(run, d, "eval.json")))["results"] for d in ("sft", "sft-rl-grpo")}
+    diff = res["sft-rl-grpo"]["eval"]["acc"] - res["sft"]["eval"]["acc"]
+    row = re.search(r"\| SFT \+ RL \(grpo\) - SFT \| ([-+]\d\.\d+) \[([-+]\d\.\d+), ([-+]\d\.\d+)\] \(32\) \|", report)
+    assert row and abs(float(row[1]) - diff) < 1e-3 and float(row[2]) <= float(row[1]) <= float(row[3])
+    assert "| SFT + align + RL (grpo) - SFT + RL (grpo) |" in report
     # the report's figures exist beside it (matplotlib is a pinned dependency)
     figs = re.findall(r"!\[[^]]*\]\(([^)]+)\)", open(os.path.join(run, "report.md")).read())
     assert sorted(figs) == ["align_gap.png", "drift.png", "rl_curves.png"]
@@ -81,3 +88,20 @@ def test_caption_lines_read_what_a_caption_lists_in_any_order():
     b = "<caption>- row 1, column 1: blue square\n- row 2, column 1: red circle</caption>"
     assert E.caption_lines(a) == E.caption_lines(b) == ["- row 1, column 1: blue square", "- row 2, column 1: red circle"]
     assert E.caption_lines(a.replace("red", "blue")) != E.caption_lines(b) and E.caption_lines("no blocks") is None
+
+
+def test_paired_difference_is_the_mean_difference_with_a_bootstrap_interval():
+    import random
+
+    import eval as E
+    rng = random.Random(0)
+    a = [{"where": f"f:{i}", "acc": float(rng.random() < 0.4)} for i in range(400)]
+    b = [{"where": p["where"], "acc": float(rng.random() < 0.5) if p["acc"] == 0 else 1.0} for p in reversed(a)]  # paired by where
+    d = [y["acc"] - x["acc"] for x, y in zip(a, reversed(b))]
+    mean, lo, hi, n = E.paired_difference(a, b)
+    assert n == 400 and abs(mean - sum(d) / 400) < 1e-12
+    # against the normal approximation of the mean's sampling distribution (n = 400): +-1.96 standard errors
+    se = (sum((x - mean) ** 2 for x in d) / 399 / 400) ** 0.5
+    assert abs(lo - (mean - 1.96 * se)) < 0.25 * se and abs(hi - (mean + 1.96 * se)) < 0.25 * se
+    assert E.paired_difference(a, a)[:3] == (0.0, 0.0, 0.0)
+    assert E.paired_difference(a, [{"where": "other", "acc": 1.0}])[3] == 0  # no prompt in common
