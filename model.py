@@ -319,6 +319,19 @@ def model_inputs(batch, device):
     return {k: batch[k].to(device) for k in keys if k in batch}
 
 
+def trunk_inputs(batch, device):
+    """model_inputs for a training or scoring forward, without the attention mask when every row is padded on the right:
+    causal attention already keeps each real token from the padding after it, and no caller reads a padding position's
+    output (log-probs at supervised tokens, scores at the last real token), so SDPA runs its unmasked causal kernels
+    instead of a masked one (on 2 CPU cores a quarter of an SFT step was the masked attention). Tested against the
+    masked forward."""
+    x = model_inputs(batch, device)
+    am = batch["attention_mask"]
+    if bool((am[:, 1:] <= am[:, :-1]).all()):  # each row: ones, then zeros
+        del x["attention_mask"]
+    return x
+
+
 _vision_sizes = [None, None]  # (the cu_seqlens tensor last seen, its images' patch counts on the host)
 
 
@@ -418,7 +431,7 @@ def hidden_states(model, batch, device):
         pix = torch.zeros(4, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, device=device)
         out = t.visual(pix.to(t.visual.dtype), grid_thw=torch.tensor([[1, 2, 2]], device=device))
         tie = 0.0 * (out.pooler_output.sum() + sum(d.sum() for d in out.deepstack_features))
-    out = t(**model_inputs(batch, device), position_ids=rope_positions(t, batch, device), use_cache=False)
+    out = t(**trunk_inputs(batch, device), position_ids=rope_positions(t, batch, device), use_cache=False)
     return out.last_hidden_state + tie
 
 
@@ -673,7 +686,7 @@ class Discriminator(PreTrainedModel):
                 r.mask = flat
         try:
             kw = {"output_router_logits": True} if with_aux and routers else {}
-            out = self.model(**model_inputs(batch, device), position_ids=rope_positions(self.model, batch, device),
+            out = self.model(**trunk_inputs(batch, device), position_ids=rope_positions(self.model, batch, device),
                              use_cache=False, **kw)
         finally:
             for r in routers:

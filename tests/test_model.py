@@ -34,7 +34,10 @@ def test_token_logprobs_match_full_logits(processor, items):
     torch.manual_seed(0)
     hf = M.load_policy("tiny", processor, torch.device("cpu"))
     b = data.collate(items, pad_id=0)
-    ref = reference_logprobs(hf, b)
+    ref = reference_logprobs(hf, b)  # the masked forward
+    # ours runs unmasked (right padding: causal attention suffices); a left-padded batch keeps its mask
+    assert "attention_mask" not in M.trunk_inputs(b, "cpu") and len(set(b["attention_mask"].sum(1).tolist())) > 1
+    assert "attention_mask" in M.trunk_inputs(data.collate(items, pad_id=0, left=True), "cpu")
     for chunk in (7, 4096):  # chunked and unchunked vocabulary projection agree
         got = M.token_logprobs(hf, b, "cpu", chunk=chunk)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
