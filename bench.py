@@ -28,8 +28,8 @@ discriminator update. Saving is skipped (align.py saves only at the end of a run
 
 pipeline: the miniature as run.sh runs it on one GPU (small config, its batch sizes), stage scripts as subprocesses of the
 code tree --code (default: this one; pass a checkout of another commit to compare in the same run): SFT steps (64
-examples, the miniature's SFT recipe), RL steps (8 prompts x 8 rollouts of <= 256 tokens), alignment steps (the same, discriminator upcycled from the
-SFT policy), eval.py on 400 prompts, then --concurrent RL runs at once on the one GPU. Reports medians of the step times
+examples, the miniature's SFT recipe), RL steps (8 prompts x 8 rollouts of <= 256 tokens), alignment steps (the same,
+discriminator upcycled from the SFT policy), eval.py on 400 prompts, then --concurrent RL runs at once on the one GPU. Reports medians of the step times
 after the first two (which compile), the first step, and each process's wall time; one JSON line per measurement.
 
     python bench.py pipeline --config small --workdir runs/bench-pipeline --out pipeline.jsonl [--code ../old-checkout]

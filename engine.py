@@ -4,8 +4,8 @@ Rollouts: the generation engine shared by align.py, rl.py and eval.py (nanochat'
 The training model is sharded; generation runs on a plain inference copy (make_inference_copy) refreshed once per rollout
 phase (sync_weights). `generate` batches prompt encodings and decodes them with `decode`: one prefill, then a loop over a
 static KV cache whose step (decode_step, the decoder layers written out for one token) is replayed as a CUDA graph on a
-GPU, compiled first for large models, with sampling on the device. `generate(..., hf=True)` uses Hugging Face generate() instead: the readable reference, with
-the same greedy tokens in fp32 (tested).
+GPU, compiled first for large models, with sampling on the device. `generate(..., hf=True)` uses Hugging Face generate()
+instead: the readable reference, with the same greedy tokens in fp32 (tested).
 """
 
 import weakref

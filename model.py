@@ -10,6 +10,7 @@ Qwen3-VL-MoE + a score head). Generation lives in engine.py.
 
 import atexit
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -335,7 +336,7 @@ def trunk_inputs(batch, device):
 _vision_sizes = [None, None]  # (the cu_seqlens tensor last seen, its images' patch counts on the host)
 
 
-def packed_vision_attention(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+def stacked_vision_attention(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
     """Qwen3-VL's vision attention with the images of a batch stacked by size: one SDPA call per distinct patch count, over
     (images, heads, patches, d) with no mask (the fused flash kernel). transformers' SDPA path runs one attention call
     per image: at the miniature's 16-130 small images per forward, a GPU idle between hundreds of tiny kernels per layer
@@ -351,9 +352,7 @@ def packed_vision_attention(self, hidden_states, cu_seqlens, position_embeddings
     n = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, h, d) each
     q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + size)
+    starts = [0, *itertools.accumulate(sizes)]  # each image's first patch
     by_size = {}  # patch count -> the images of that size
     for i, size in enumerate(sizes):
         by_size.setdefault(size, []).append(i)
@@ -370,16 +369,16 @@ def packed_vision_attention(self, hidden_states, cu_seqlens, position_embeddings
     return self.proj(out)
 
 
-def use_packed_vision_attention():
-    """Route Qwen3-VL(-MoE) vision attention through packed_vision_attention (idempotent)."""
+def use_stacked_vision_attention():
+    """Route Qwen3-VL(-MoE) vision attention through stacked_vision_attention (idempotent)."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionAttention
     for cls in (Qwen3VLVisionAttention, Qwen3VLMoeVisionAttention):
         if not hasattr(cls, "_transformers_forward"):
-            cls._transformers_forward, cls.forward = cls.forward, packed_vision_attention
+            cls._transformers_forward, cls.forward = cls.forward, stacked_vision_attention
 
 
-use_packed_vision_attention()
+use_stacked_vision_attention()
 
 
 def rope_positions(t, batch, device=None):

@@ -52,8 +52,8 @@ else
   DATA_ARGS=""
   SFT_STEPS=600; WARM_EPOCHS=0.1; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=200; G=8; P=4; TEMP=0.7; DISC_LR=1e-4; POOL=512; K=4
 fi
-RL_P=${RL_P:-$P}
-P=$(( (P + NPROC - 1) / NPROC * NPROC )); RL_P=$(( (RL_P + NPROC - 1) / NPROC * NPROC ))  # prompts per step: a multiple of the process count
+RL_P=${RL_P:-$P}  # RL's prompts per step (the alignment game's: P)
+P=$(( (P + NPROC - 1) / NPROC * NPROC )); RL_P=$(( (RL_P + NPROC - 1) / NPROC * NPROC ))  # multiples of the process count
 
 launch() {  # one process, or torchrun with NPROC of them
   if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node "$NPROC" "$@"; else python "$@"; fi
@@ -77,8 +77,8 @@ done_ "$RUN/base" || python model.py init --config "$CONFIG" --processor "$DATA/
 
 say "stage 1: SFT -> $RUN/sft"
 done_ "$RUN/sft" || launch sft.py --init "$RUN/base" --data "$DATA/sft.jsonl" --out "$RUN/sft" --steps "$SFT_STEPS" \
-  --batch-size "$SFT_BATCH" --micro-batch "$SFT_BATCH" --lr 3e-4 --warmup-ratio 0.05 --eval-every 100 --save-every 100 --seed "$SEED" \
-  --max-len 1024
+  --batch-size "$SFT_BATCH" --micro-batch "$SFT_BATCH" --lr 3e-4 --warmup-ratio 0.05 --eval-every 100 --save-every 100 \
+  --seed "$SEED" --max-len 1024
 
 say "curation: the SFT policy's unsolved problems of $POOL (pass rate 0 over $K samples), answered by the oracle -> $RUN/curated"
 # the world's oracle teacher over the OpenAI protocol, with a few faults and wrong answers for the clean-up to catch;

@@ -181,7 +181,7 @@ def test_rope_positions_equal_transformers_get_rope_index(processor, tmp_path):
         assert len(set(got[1, 1].tolist())) < b["attention_mask"][1].sum()  # the image rows share positions
 
 
-def test_packed_vision_attention_equals_the_per_image_path(processor, monkeypatch):
+def test_stacked_vision_attention_equals_the_per_image_path(processor, monkeypatch):
     """The vision tower over images of three sizes (and of one): one attention call per image size gives transformers'
     per-image attention, forward and backward."""
     import numpy as np
@@ -195,7 +195,7 @@ def test_packed_vision_attention_equals_the_per_image_path(processor, monkeypatc
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
     for e in (enc, one):
         outs = []
-        for forward in (M.packed_vision_attention, Qwen3VLVisionAttention._transformers_forward):
+        for forward in (M.stacked_vision_attention, Qwen3VLVisionAttention._transformers_forward):
             monkeypatch.setattr(Qwen3VLVisionAttention, "forward", forward)
             hf.zero_grad()
             out = hf.model.visual(e["pixel_values"], grid_thw=e["image_grid_thw"]).pooler_output
