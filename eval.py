@@ -144,6 +144,10 @@ def table(results):
     return "\n".join(lines)
 
 
+ABLATIONS = {"dense": "dense discriminator", "text": "text-only discriminator", "gad": "whole-response scoring (GAD)",
+             "route": "hard segment routing", "sft2": "no alignment, extra SFT"}  # run.sh's ABLATIONS
+
+
 def write_report(run):
     """RUN/report.md: one row per stage found under RUN (base, SFT, SFT + align, SFT + RL, SFT + align + RL), with accuracy
     on the held-out and hard splits, format rate, length and drift distances; PNG figures beside it."""
@@ -151,6 +155,10 @@ def write_report(run):
     runs = [n for n in os.listdir(run) if "-rl-" in n and os.path.isdir(os.path.join(run, n))]
     for algo in sorted({n.split("-rl-")[1] for n in runs}):  # every RL algorithm run, both arms
         stages += [(f"sft-rl-{algo}", f"SFT + RL ({algo})"), (f"align-rl-{algo}", f"SFT + align + RL ({algo})")]
+    for n in sorted(runs):  # run.sh's ABLATIONS: align-NAME-rl-ALGO (another discriminator), sft2-rl-ALGO (extra SFT)
+        start, algo = n.split("-rl-")
+        if start.startswith("align-") or start == "sft2":
+            stages.append((n, f"ablation {ABLATIONS.get(start.removeprefix('align-'), start)} + RL ({algo})"))
     res = {}
     for d, label in stages:
         path = os.path.join(run, d, "eval.json")
@@ -184,6 +192,7 @@ def write_report(run):
     for algo in sorted({d.split("-rl-")[1] for d, _ in res.values() if "-rl-" in d}):
         rl, arl = f"SFT + RL ({algo})", f"SFT + align + RL ({algo})"
         pairs += [("SFT", rl), ("SFT + align (PRISM)", arl), (rl, arl)]
+        pairs += [(arl, label) for label, (d, _) in res.items() if label.startswith("ablation") and d.endswith(f"-rl-{algo}")]
     rows = []
     for x, y in pairs:
         if x in res and y in res:

@@ -5,10 +5,13 @@
 #   -> eval.py on every stage -> RUN/report.md
 # Knobs (environment): NPROC (processes; GPUs when present, default all of them or 1 on CPU), SEED (0), ALGO (grpo, dapo,
 # gspo or a list of them, e.g. "grpo dapo gspo"), QUICK=1 (a smoke run of a few minutes), RUN (output dir, default
-# runs/shapes-<config>-s<SEED>), DATA (data/shapes-s<SEED>), DISC_ARGS (extra warmup.py/align.py flags for the discriminator, e.g.
-# "--disc-experts 1" or "--disc-text-only": the paper's ablations), ARMS (the RL arms: "sft align", RL from the SFT policy
-# and from the aligned one; "align" alone for an ablation). With one process on a GPU the RL runs and the
-# evaluations share the GPU concurrently (each logs to RUN/<name>.log).
+# runs/shapes-<config>-s<SEED>), DATA (data/shapes-s<SEED>), ABLATIONS (the paper's ablations, each an extra aligned arm
+# RL-trained with the first ALGO: dense = a 1-expert discriminator, text = a discriminator that sees no image, gad =
+# whole-response scoring, route = hard segment routing (perception -> half the experts, reasoning -> the other half),
+# sft2 = no alignment but as many extra SFT examples on the curated demonstrations as alignment samples rollouts;
+# e.g. ABLATIONS="dense text gad route sft2"), SAMPLES (sampled responses per eval prompt for mean@k / pass@k; GPU 8,
+# CPU 0). With one process on a GPU the RL runs and the evaluations share the GPU concurrently (each logs to
+# RUN/<name>.log), RL from the SFT policy starting as soon as that policy exists.
 # Re-running the same command resumes: finished stages are skipped, interrupted ones continue from their last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,8 +19,7 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 SEED=${SEED:-0}
 ALGO=${ALGO:-grpo}
 QUICK=${QUICK:-0}
-DISC_ARGS=${DISC_ARGS:-}
-ARMS=${ARMS:-sft align}
+ABLATIONS=${ABLATIONS:-}
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   GPU=1; CONFIG=small; NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
 else
@@ -39,19 +41,20 @@ if [ "$QUICK" = 1 ]; then
   DATA_ARGS="--n-sft 600 --n-align 32 --n-rl 64 --n-eval 32 --n-hard 32 --n-warmup 96"
   SFT_STEPS=40; WARM_EPOCHS=1; ALIGN_STEPS=3; RL_STEPS=3; EVAL_N=32; G=4; P=4; TEMP=0.7; POOL=16; K=2
 elif [ "$GPU" = 1 ]; then
-  DATA_ARGS="--n-sft 16000 --n-align 512 --n-rl 2048 --n-eval 400 --n-hard 400 --n-warmup 2048"
+  DATA_ARGS="--n-sft 16000 --n-align 512 --n-rl 4096 --n-eval 1000 --n-hard 1000 --n-warmup 2048"
   # SFT 800 x 64 (3.2 epochs: a policy that reads its scenes) and GRPO at lr 1e-5 on 32 prompts x 8 rollouts for 150 steps:
   # the regime in which RL raised greedy held-out accuracy (results/rl-regime-h200: +12.2 points, one seed)
-  SFT_STEPS=800; SFT_BATCH=64; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=150; RL_P=32; EVAL_N=400; G=8; P=8; TEMP=1.0
+  SFT_STEPS=800; SFT_BATCH=64; WARM_EPOCHS=0.5; ALIGN_STEPS=30; RL_STEPS=150; RL_P=32; EVAL_N=1000; G=8; P=8; TEMP=1.0
   RL_LR=1e-5; POOL=2048; K=8
   # a 34M model's whole rollout batch fits one forward: few, large micro-batches keep the GPU busy
   UPDATE_ARGS="--micro-batch 64 --micro-tokens 65536 --disc-micro 128"
   RL_UPDATE_ARGS="--micro-batch 128 --micro-tokens 65536 --gen-batch 256"
-  EVAL_BATCH=400
+  EVAL_BATCH=1000; SAMPLES=${SAMPLES:-8}
 else
   DATA_ARGS=""
   SFT_STEPS=600; WARM_EPOCHS=0.1; ALIGN_STEPS=20; RL_STEPS=25; EVAL_N=200; G=8; P=4; TEMP=0.7; DISC_LR=1e-4; POOL=512; K=4
 fi
+SAMPLES=${SAMPLES:-0}
 RL_P=${RL_P:-$P}  # RL's prompts per step (the alignment game's: P)
 P=$(( (P + NPROC - 1) / NPROC * NPROC )); RL_P=$(( (RL_P + NPROC - 1) / NPROC * NPROC ))  # multiples of the process count
 
@@ -80,6 +83,52 @@ done_ "$RUN/sft" || launch sft.py --init "$RUN/base" --data "$DATA/sft.jsonl" --
   --batch-size "$SFT_BATCH" --micro-batch "$SFT_BATCH" --lr 3e-4 --warmup-ratio 0.05 --eval-every 100 --save-every 100 \
   --seed "$SEED" --max-len 1024
 
+[ "$PAR" = 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # concurrent processes: no CPU thread oversubscription
+evaluate() {  # STAGE: eval.py on RUN/STAGE -> RUN/STAGE/eval.json (greedy; + SAMPLES sampled responses per prompt)
+  [ -f "$RUN/$1/eval.json" ] || launch eval.py --model "$RUN/$1" --data "$DATA/eval.parquet" "$DATA/eval_hard.parquet" \
+    --limit "$EVAL_N" --samples "$SAMPLES" --max-new-tokens 256 --batch-size "$EVAL_BATCH" --out "$RUN/$1/eval.json"
+}
+rl() {  # FROM ALGO: stage 3 from RUN/FROM -> RUN/FROM-rl-ALGO, then its evaluation
+  say "stage 3: RL ($2) from $1 -> $RUN/$1-rl-$2"
+  done_ "$RUN/$1-rl-$2" || launch rl.py --policy "$RUN/$1" --algo "$2" --data "$DATA/rl.parquet" --out "$RUN/$1-rl-$2" \
+    --steps "$RL_STEPS" --prompts "$RL_P" --group-size "$G" --max-new-tokens 256 --lr "$RL_LR" --temperature "$TEMP" \
+    --save-every 10 --eval-every 0 --seed "$SEED" $RL_UPDATE_ARGS
+  evaluate "$1-rl-$2"
+}
+aligned() {  # SUFFIX ALGOS [FLAGS]: discriminator (upcycle the SFT policy + warm-up) -> RUN/discSUFFIX, stage 2 ->
+             # RUN/alignSUFFIX, then RL from it with each of ALGOS; FLAGS go to warmup.py and align.py (an ablation's)
+  local sfx=$1 algos=$2 A pids=(); shift 2  # (its own pids: join waits only for its own children)
+  say "discriminator$sfx: upcycle the SFT policy + warm-up -> $RUN/disc$sfx"
+  done_ "$RUN/disc$sfx" || launch warmup.py --disc "upcycle:$RUN/sft" --data "$DATA/warmup.jsonl" --out "$RUN/disc$sfx" \
+    --epochs "$WARM_EPOCHS" --batch-size 16 --lr 1e-4 --val 32 --disc-micro 32 --seed "$SEED" "$@"
+  say "stage 2: alignment$sfx -> $RUN/align$sfx"
+  done_ "$RUN/align$sfx" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc$sfx" --data "$RUN/curated/align.parquet" \
+    --out "$RUN/align$sfx" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$ALIGN_LR" \
+    --disc-lr "$DISC_LR" --temperature "$TEMP" --save-every 10 --seed "$SEED" $UPDATE_ARGS "$@"
+  if [ -z "$sfx" ]; then bg eval-align evaluate align; fi
+  for A in $algos; do bg "align$sfx-rl-$A" rl "align$sfx" "$A"; done
+  join
+}
+sft2() {  # ablation: no alignment; SFT on the curated demonstrations, as many examples as alignment samples rollouts
+  say "ablation sft2: $ALIGN_STEPS more SFT steps x $((P * G)) curated demonstrations -> $RUN/sft2"
+  done_ "$RUN/sft2" || launch sft.py --init "$RUN/sft" --data "$RUN/curated/sft.jsonl" --out "$RUN/sft2" \
+    --steps "$ALIGN_STEPS" --batch-size $((P * G)) --micro-batch "$SFT_BATCH" --lr "$ALIGN_LR" --warmup-ratio 0.05 \
+    --val-size 0 --eval-every 0 --save-every 10 --seed "$SEED" --max-len 1024
+  rl sft2 "$1"
+}
+ablation_flags() {  # NAME -> the discriminator flags of that ablation
+  case $1 in
+    dense) echo "--disc-experts 1" ;; text) echo "--disc-text-only" ;; gad) echo "--disc-segments whole" ;;
+    route) echo "--disc-routing segment" ;;
+    *) echo "unknown ablation '$1' (ABLATIONS: dense text gad route sft2)" >&2; return 1 ;;
+  esac
+}
+for V in $ABLATIONS; do [ "$V" = sft2 ] || ablation_flags "$V" > /dev/null; done  # a misspelt one fails here, not later
+
+bg eval-base evaluate base
+bg eval-sft evaluate sft
+for A in $ALGO; do bg "sft-rl-$A" rl sft "$A"; done  # RL from the SFT policy needs nothing of the alignment stage
+
 say "curation: the SFT policy's unsolved problems of $POOL (pass rate 0 over $K samples), answered by the oracle -> $RUN/curated"
 # the world's oracle teacher over the OpenAI protocol, with a few faults and wrong answers for the clean-up to catch;
 # a hosted model is the same command with --teacher-url and --teacher-model of its endpoint (README "Curation")
@@ -97,32 +146,10 @@ if ! done_ "$RUN/curated"; then
   kill $TEACHER
 fi
 
-say "discriminator: upcycle the SFT policy + warm-up -> $RUN/disc"
-done_ "$RUN/disc" || launch warmup.py --disc "upcycle:$RUN/sft" --data "$DATA/warmup.jsonl" --out "$RUN/disc" \
-  --epochs "$WARM_EPOCHS" --batch-size 16 --lr 1e-4 --val 32 --disc-micro 32 --seed "$SEED" $DISC_ARGS
-
-say "stage 2: alignment -> $RUN/align"
-done_ "$RUN/align" || launch align.py --policy "$RUN/sft" --disc "$RUN/disc" --data "$RUN/curated/align.parquet" \
-  --out "$RUN/align" --steps "$ALIGN_STEPS" --prompts "$P" --group-size "$G" --max-new-tokens 256 --lr "$ALIGN_LR" \
-  --disc-lr "$DISC_LR" --temperature "$TEMP" --save-every 10 --seed "$SEED" $UPDATE_ARGS $DISC_ARGS
-
-[ "$PAR" = 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # concurrent processes: no CPU thread oversubscription
-for A in $ALGO; do
-  for FROM in $ARMS; do
-    say "stage 3: RL ($A) from $FROM -> $RUN/$FROM-rl-$A"
-    done_ "$RUN/$FROM-rl-$A" || bg "$FROM-rl-$A" launch rl.py --policy "$RUN/$FROM" --algo "$A" --data "$DATA/rl.parquet" \
-      --out "$RUN/$FROM-rl-$A" --steps "$RL_STEPS" --prompts "$RL_P" --group-size "$G" --max-new-tokens 256 --lr "$RL_LR" \
-      --temperature "$TEMP" --save-every 10 --eval-every 0 --seed "$SEED" $RL_UPDATE_ARGS
-  done
-done
-join
-
-STAGES="base sft align"
-for A in $ALGO; do for FROM in $ARMS; do STAGES="$STAGES $FROM-rl-$A"; done; done
-for STAGE in $STAGES; do
-  say "eval $STAGE"
-  [ -f "$RUN/$STAGE/eval.json" ] || bg "eval-$STAGE" launch eval.py --model "$RUN/$STAGE" --data "$DATA/eval.parquet" \
-    "$DATA/eval_hard.parquet" --limit "$EVAL_N" --max-new-tokens 256 --batch-size "$EVAL_BATCH" --out "$RUN/$STAGE/eval.json"
+bg align aligned "" "$ALGO"
+FIRST=${ALGO%% *}
+for V in $ABLATIONS; do
+  if [ "$V" = sft2 ]; then bg sft2 sft2 "$FIRST"; else bg "align-$V" aligned "-$V" "$FIRST" $(ablation_flags "$V"); fi
 done
 join
 

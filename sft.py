@@ -32,7 +32,7 @@ p.add_argument("--compile", action="store_true", help="torch.compile each decode
 p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the --init directory")
 # data
 p.add_argument("--data", required=True, help="sharegpt JSON/JSONL with messages + images")
-p.add_argument("--val-size", type=int, default=128, help="examples held out from the end of --data for the validation loss")
+p.add_argument("--val-size", type=int, default=128, help="examples held out from the end of --data for the validation loss (0: none, no validation)")
 p.add_argument("--max-len", type=int, default=8192, help="drop (and count) examples longer than this many tokens; never truncate")
 p.add_argument("--max-pixels", type=int, default=560 * 560, help="images are downscaled to at most this many pixels")
 p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
@@ -192,7 +192,7 @@ bad_in_row = n_skipped_steps = 0
 policy.train()
 for step in range(start, steps + 1):
     last_step = step == steps
-    if args.eval_every and (step % args.eval_every == 0 or last_step) or last_step:
+    if val and (args.eval_every and step % args.eval_every == 0 or last_step):
         vl = val_loss()
         tqdm.write(f"step {step:05d}/{steps:05d} | val_loss {vl:.4f}") if rank == 0 else None
         log({"step": step, "eval": True, "val_loss": vl})

@@ -64,7 +64,7 @@ def check_pipeline(env, run):
     r2 = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert {d: os.path.getmtime(os.path.join(run, d, "model.safetensors")) for d in mtimes} == mtimes
-    # an ablation's run directory has only the aligned arm (run.sh ARMS=align), and concurrent GPU runs leave NAME.log files
+    # a run directory with only the aligned arm still reports, and concurrent GPU runs leave NAME.log files
     shutil.rmtree(os.path.join(run, "sft-rl-grpo"))
     open(os.path.join(run, "sft-rl-gspo.log"), "w").close()
     r3 = subprocess.run(["python", "eval.py", "--report", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
