@@ -6,12 +6,13 @@
 # then the per-stage results (eval.json with per-prompt rows, metrics.jsonl, logs, report) packed into OUT/s<SEED>.tar.gz.
 #   bash results/comparison-h200/chain.sh SEED [DEADLINE_S]
 # DEADLINE_S (default: none): stop whatever still runs that many seconds after the start, then pack what finished.
+# ABLATIONS (default: all five) and SAMPLES (default 8) pass through to run.sh.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SEED=$1; DEADLINE=${2:-0}; OUT=${OUT:-runs/comparison}
 RUN=$OUT/s$SEED; mkdir -p "$RUN"
 T0=$(date +%s)
-SEED=$SEED ALGO="grpo dapo gspo" ABLATIONS="dense text gad route sft2" RUN=$RUN DATA=$OUT/data-s$SEED \
+SEED=$SEED ALGO="grpo dapo gspo" ABLATIONS=${ABLATIONS-dense text gad route sft2} RUN=$RUN DATA=$OUT/data-s$SEED \
   setsid bash run.sh > "$RUN/run.log" 2>&1 &
 PID=$!
 while kill -0 $PID 2>/dev/null; do
