@@ -658,14 +658,33 @@ def high_fidelity(objs, lines):
     return caption, "<think>\n" + "\n".join(lines) + "\n</think>"
 
 
-def broad(rng, objs, answer, grid, p_correct=0.6):
+# How often the broad style's answer is right, per question type: one object's property can be read off the image, a
+# count of one property mostly, but a composition (two counts, their sum or difference) not without listing the objects
+# and reasoning over the list. So the high-fidelity style is needed for the compositional types, and a policy that
+# drifts toward the broad style loses them.
+BROAD_CORRECT = {"attribute": 0.9, "choice": 0.9, "count": 0.6, "pair": 0.2, "arith": 0.2, "conj": 0.2}
+
+
+def broad(rng, objs, answer, grid, kind):
     """(caption, cot, answer) in the terse style of broad public data: a one-line caption, one line of reasoning,
-    and a wrong answer in a share of the cases."""
+    and a wrong answer in a share of the cases that grows with the question's composition (BROAD_CORRECT)."""
     caption = f"<caption>\n- a {grid} by {grid} grid with {len(objs)} coloured shapes\n</caption>"
     cot = "<think>\nI read the answer off the image.\n</think>"
-    if rng.random() >= p_correct:
+    if rng.random() >= BROAD_CORRECT[kind]:
         answer = wrong_answer(rng, answer)
     return caption, cot, answer
+
+
+def response_style(text):
+    """Which of the world's supervision styles a response's caption has: "teacher" (every object by its cell, as
+    high_fidelity writes it), "broad" (broad's one-line grid summary) or "other"."""
+    m = re.search(r"<caption>(.*?)</caption>", text, re.DOTALL)
+    lines = [ln.strip() for ln in m.group(1).splitlines() if ln.strip()] if m else []
+    if lines and all(re.fullmatch(r"- row \d+, column \d+: \w+ \w+", ln) for ln in lines):
+        return "teacher"
+    if len(lines) == 1 and re.fullmatch(r"- a \d+ by \d+ grid with \d+ coloured shapes", lines[0]):
+        return "broad"
+    return "other"
 
 
 def wrong_answer(rng, answer):
@@ -756,14 +775,14 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
                 if rng.random() < hf_ratio:
                     resp = f"{cap}\n{cot}\n<answer>{ans}</answer>"
                 else:
-                    bcap, bcot, bans = broad(rng, objs, ans, grid)
+                    bcap, bcot, bans = broad(rng, objs, ans, grid, kind)
                     resp = f"{bcap}\n{bcot}\n<answer>{bans}</answer>"
                 save()
                 rows.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
                                           {"role": "assistant", "content": resp}], "images": [rel]})
                 texts.append(resp)
             elif name == "warmup":
-                bcap, bcot, bans = broad(rng, objs, ans, grid)
+                bcap, bcot, bans = broad(rng, objs, ans, grid, kind)
                 save()
                 rows.append({"prompt": user, "image": rel, "teacher_caption": cap,
                              "teacher_cot": f"{cot}\n<answer>{ans}</answer>", "student_caption": bcap,

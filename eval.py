@@ -66,12 +66,20 @@ def drift(texts, teacher_texts):
     return out
 
 
-def paired_difference(a, b, n_boot=4000, seed=0):
-    """Greedy accuracy of run b minus run a on the prompts both evaluated (per_prompt records, paired by "where"), with a
-    paired bootstrap 95% interval (prompts resampled with replacement, the same draw for both runs). Returns
-    (difference, low, high, prompts)."""
-    acc_a = {p["where"]: p["acc"] for p in a}
-    pairs = [(acc_a[p["where"]], p["acc"]) for p in b if p["where"] in acc_a]
+def greedy(p):
+    return p["acc"]
+
+
+def sampled(p):  # mean accuracy of a prompt's sampled responses (None when it has none)
+    return sum(p["sample_acc"]) / len(p["sample_acc"]) if p.get("sample_acc") else None
+
+
+def paired_difference(a, b, n_boot=4000, seed=0, value=greedy):
+    """Accuracy of run b minus run a on the prompts both evaluated (per_prompt records, paired by "where"; `value` reads
+    a prompt's accuracy: greedy, or sampled for mean@k), with a paired bootstrap 95% interval (prompts resampled with
+    replacement, the same draw for both runs). Returns (difference, low, high, prompts)."""
+    acc_a = {p["where"]: value(p) for p in a}
+    pairs = [(acc_a[p["where"]], value(p)) for p in b if acc_a.get(p["where"]) is not None and value(p) is not None]
     if not pairs:
         return float("nan"), float("nan"), float("nan"), 0
     d = torch.tensor([y - x for x, y in pairs], dtype=torch.float64)  # (n,) per-prompt differences
@@ -107,7 +115,8 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
                          "sample_acc": s, "teacher": (ex.teacher_caption + "\n" + ex.teacher_cot) if ex.teacher_caption
                          and ex.teacher_cot else None, "kind": ex.extra.get("kind"),
                          "caption_exact": None if not ex.teacher_caption else
-                         float(caption_lines(text) == caption_lines(ex.teacher_caption))})
+                         float(caption_lines(text) == caption_lines(ex.teacher_caption)),
+                         "style": data.response_style(text)})
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     rows = [r for g in gathered for r in g]
@@ -125,10 +134,15 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
     if kinds:  # accuracy per question type (the data's extra_info.kind)
         res["acc_by_kind"] = {k: sum(r["acc"] for r in rows if r["kind"] == k) / sum(r["kind"] == k for r in rows)
                               for k in kinds}
+    styles = sorted({r["style"] for r in rows})  # the synthetic world's two supervision styles (all "other" elsewhere)
+    res["style_share"] = {s: sum(r["style"] == s for r in rows) / n for s in styles}
+    res["acc_by_style"] = {s: sum(r["acc"] for r in rows if r["style"] == s) / sum(r["style"] == s for r in rows)
+                           for s in styles}
     res["examples"] = [{k: r[k] for k in ("where", "text", "acc")} for r in rows[:3]]
     # per prompt, for paired comparisons between stages (the same prompts in the same order): greedy acc, its length,
     # and the sampled accuracies
-    res["per_prompt"] = [{k: r[k] for k in ("where", "acc", "len", "sample_acc", "kind", "caption_exact")} for r in rows]
+    res["per_prompt"] = [{k: r[k] for k in ("where", "acc", "len", "sample_acc", "kind", "caption_exact", "style")}
+                       for r in rows]
     res["t_generate"] = time.time() - t0  # rendering, generation and scoring of this file (seconds)
     return res
 
@@ -167,16 +181,17 @@ def write_report(run):
     if not res:
         raise SystemExit(f"{run}: no stage has an eval.json (run eval.py on the stage outputs first)")
     f = lambda r, k: f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-"  # noqa: E731
+    at_k = sorted({k for _, r in res.values() for s in r.values() for k in s if k.startswith(("mean@", "pass@"))})
     lines = [f"# PRISM run report: `{run}`", "",
-             "Accuracy is greedy decoding scored by verify.py; W1 = Wasserstein-1 distance of the structure statistics "
+             "Accuracy is greedy decoding scored by verify.py (mean@k / pass@k: over k responses sampled at T 1); W1 = Wasserstein-1 distance of the structure statistics "
              "(bullet items per caption, reasoning steps per response) to the teacher demonstrations' distribution "
              "(lower = closer to the supervision).", "",
-             "| stage | acc (held-out) | acc (hard) | format-valid | mean length (tokens) | W1 caption items | W1 reasoning steps |",
-             "|---|---|---|---|---|---|---|"]
+             "| stage | acc (held-out) | acc (hard) | " + "".join(f"{k} ({s}) | " for k in at_k for s in ("held-out", "hard"))
+             + "format-valid | mean length (tokens) | W1 caption items | W1 reasoning steps |", "|---" * (7 + 2 * len(at_k)) + "|"]
     for label, (_, r) in res.items():
         e, h = r.get("eval", {}), r.get("eval_hard", {})
-        lines.append(f"| {label} | {f(e, 'acc')} | {f(h, 'acc')} | {f(e, 'format')} | {f(e, 'length')} | "
-                     f"{f(e, 'w1_caption_items')} | {f(e, 'w1_reasoning_steps')} |")
+        lines.append(f"| {label} | {f(e, 'acc')} | {f(h, 'acc')} | " + "".join(f"{f(x, k)} | " for k in at_k for x in (e, h))
+                     + f"{f(e, 'format')} | {f(e, 'length')} | {f(e, 'w1_caption_items')} | {f(e, 'w1_reasoning_steps')} |")
     kinds = sorted({k for _, r in res.values() for s in r.values() for k in s.get("acc_by_kind", {})})
     if kinds:  # perception and reasoning apart: captions read right, and accuracy per question type (both splits pooled)
         lines += ["", "Caption exact = the greedy caption lists exactly the teacher caption's lines (the objects read "
@@ -188,23 +203,38 @@ def write_report(run):
             by = [sum(p["acc"] for p in pp if p["kind"] == k) / max(1, sum(p["kind"] == k for p in pp)) for k in kinds]
             lines.append(f"| {label} | {f(r.get('eval', {}), 'caption_exact')} | {f(r.get('eval_hard', {}), 'caption_exact')} | "
                          + " | ".join(f"{v:.3f}" for v in by) + " |")
+    styles = [s for s in ("teacher", "broad") if any(s in r2.get("style_share", {}) for _, r in res.values()
+                                                     for r2 in r.values())]
+    if styles:  # the synthetic world's supervision styles: how often each stage writes each, and what each is worth
+        lines += ["", "Response style of the greedy captions (teacher = every object by its cell; broad = the one-line "
+                  "grid summary) and the accuracy within each style, over the held-out and hard prompts together.", "",
+                  "| stage | " + " | ".join(f"{s}-style share" for s in styles) + " | "
+                  + " | ".join(f"acc in {s} style" for s in styles) + " |", "|---" * (1 + 2 * len(styles)) + "|"]
+        for label, (_, r) in res.items():
+            pp = [p for s in r.values() for p in s.get("per_prompt", []) if "style" in p]
+            n = {s: sum(p["style"] == s for p in pp) for s in styles}
+            share = [f"{n[s] / len(pp):.3f}" if pp else "-" for s in styles]
+            acc = [f"{sum(p['acc'] for p in pp if p['style'] == s) / n[s]:.3f} ({n[s]})" if n[s] else "-" for s in styles]
+            lines.append(f"| {label} | " + " | ".join(share + acc) + " |")
     pairs = []  # (a, b) for b - a: what each RL arm gained over its start, and the paper's comparison of the two arms
     for algo in sorted({d.split("-rl-")[1] for d, _ in res.values() if "-rl-" in d}):
         rl, arl = f"SFT + RL ({algo})", f"SFT + align + RL ({algo})"
         pairs += [("SFT", rl), ("SFT + align (PRISM)", arl), (rl, arl)]
         pairs += [(arl, label) for label, (d, _) in res.items() if label.startswith("ablation") and d.endswith(f"-rl-{algo}")]
-    rows = []
+    rows, values = [], [("greedy", greedy)] + [("mean@k", sampled)] * any(k.startswith("mean@") for k in at_k)
     for x, y in pairs:
         if x in res and y in res:
             cells = []
-            for split in ("eval", "eval_hard"):
-                diff, lo, hi, n = paired_difference(res[x][1].get(split, {}).get("per_prompt", []),
-                                                    res[y][1].get(split, {}).get("per_prompt", []))
-                cells.append(f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n})" if n else "-")
+            for _, value in values:
+                for split in ("eval", "eval_hard"):
+                    diff, lo, hi, n = paired_difference(res[x][1].get(split, {}).get("per_prompt", []),
+                                                        res[y][1].get(split, {}).get("per_prompt", []), value=value)
+                    cells.append(f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n})" if n else "-")
             rows.append(f"| {y} - {x} | " + " | ".join(cells) + " |")
     if rows:  # what RL and the alignment stage changed, prompt by prompt
-        lines += ["", "Greedy accuracy differences on the same prompts, with paired bootstrap 95% intervals (prompts):", "",
-                  "| difference | held-out | hard |", "|---|---|---|", *rows]
+        lines += ["", "Accuracy differences on the same prompts, with paired bootstrap 95% intervals (prompts):", "",
+                  "| difference | " + " | ".join(f"{v} {s}" for v, _ in values for s in ("held-out", "hard")) + " |",
+                  "|---" * (1 + 2 * len(values)) + "|", *rows]
     cur = os.path.join(run, "curated", "summary.json")
     if os.path.isfile(cur):  # the alignment set's curation (curate.py)
         s, c = json.load(open(cur)), json.load(open(os.path.join(run, "curated", "run_config.json")))

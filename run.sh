@@ -10,8 +10,9 @@
 # whole-response scoring, route = hard segment routing (perception -> half the experts, reasoning -> the other half),
 # sft2 = no alignment but as many extra SFT examples on the curated demonstrations as alignment samples rollouts;
 # e.g. ABLATIONS="dense text gad route sft2"), SAMPLES (sampled responses per eval prompt for mean@k / pass@k; GPU 8,
-# CPU 0). With one process on a GPU the RL runs and the evaluations share the GPU concurrently (each logs to
-# RUN/<name>.log), RL from the SFT policy starting as soon as that policy exists.
+# CPU 0), SLOTS (ablation processes at once on one GPU, default 2). With one process on a GPU the RL runs and the
+# evaluations share the GPU concurrently (each logs to RUN/<name>.log), RL from the SFT policy starting as soon as that
+# policy exists; the ablations start once the aligned policy exists and queue for their SLOTS.
 # Re-running the same command resumes: finished stages are skipped, interrupted ones continue from their last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -48,7 +49,7 @@ elif [ "$GPU" = 1 ]; then
   RL_LR=1e-5; POOL=2048; K=8
   # a 34M model's whole rollout batch fits one forward: few, large micro-batches keep the GPU busy
   UPDATE_ARGS="--micro-batch 64 --micro-tokens 65536 --disc-micro 128"
-  RL_UPDATE_ARGS="--micro-batch 128 --micro-tokens 65536 --gen-batch 256"
+  RL_UPDATE_ARGS="--micro-batch 128 --micro-tokens 65536 --gen-batch 1024"  # DAPO's refill (3 x 256) in one batch
   EVAL_BATCH=1000; SAMPLES=${SAMPLES:-8}
 else
   DATA_ARGS=""
@@ -58,8 +59,20 @@ SAMPLES=${SAMPLES:-0}
 RL_P=${RL_P:-$P}  # RL's prompts per step (the alignment game's: P)
 P=$(( (P + NPROC - 1) / NPROC * NPROC )); RL_P=$(( (RL_P + NPROC - 1) / NPROC * NPROC ))  # multiples of the process count
 
-launch() {  # one process, or torchrun with NPROC of them
-  if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node "$NPROC" "$@"; else python "$@"; fi
+SLOTS=${SLOTS:-2}  # concurrent ablation processes on one GPU (more only time-slice it: results/miniature-speed-h200)
+launch() {  # one process, or torchrun with NPROC of them; in an ablation's chain on one GPU (SLOT=1), holding one of
+            # SLOTS slot locks while it runs, so the ablations queue behind the main comparison instead of slowing it
+  local cmd=(python "$@") i fd rc
+  [ "$NPROC" -gt 1 ] && cmd=(torchrun --standalone --nproc_per_node "$NPROC" "$@")
+  if [ "$PAR" != 1 ] || [ "${SLOT:-0}" != 1 ] || ! command -v flock > /dev/null; then "${cmd[@]}"; return; fi
+  while :; do
+    for i in $(seq "$SLOTS"); do
+      exec {fd}> "$RUN/.slot$i"
+      if flock -n "$fd"; then "${cmd[@]}" && rc=0 || rc=$?; exec {fd}>&-; return $rc; fi
+      exec {fd}>&-
+    done
+    sleep 1
+  done
 }
 done_() { [ -f "$1/run_config.json" ]; }  # a stage output is complete once run_config.json is written (it is written last)
 say() { echo; echo "=== $* ==="; }
@@ -84,9 +97,9 @@ done_ "$RUN/sft" || launch sft.py --init "$RUN/base" --data "$DATA/sft.jsonl" --
   --seed "$SEED" --max-len 1024
 
 [ "$PAR" = 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # concurrent processes: no CPU thread oversubscription
-evaluate() {  # STAGE: eval.py on RUN/STAGE -> RUN/STAGE/eval.json (greedy; + SAMPLES sampled responses per prompt)
+evaluate() {  # STAGE [SAMPLES]: eval.py on RUN/STAGE -> RUN/STAGE/eval.json (greedy; + SAMPLES sampled responses per prompt)
   [ -f "$RUN/$1/eval.json" ] || launch eval.py --model "$RUN/$1" --data "$DATA/eval.parquet" "$DATA/eval_hard.parquet" \
-    --limit "$EVAL_N" --samples "$SAMPLES" --max-new-tokens 256 --batch-size "$EVAL_BATCH" --out "$RUN/$1/eval.json"
+    --limit "$EVAL_N" --samples "${2:-$SAMPLES}" --max-new-tokens 256 --batch-size "$EVAL_BATCH" --out "$RUN/$1/eval.json"
 }
 rl() {  # FROM ALGO: stage 3 from RUN/FROM -> RUN/FROM-rl-ALGO, then its evaluation
   say "stage 3: RL ($2) from $1 -> $RUN/$1-rl-$2"
@@ -98,6 +111,7 @@ rl() {  # FROM ALGO: stage 3 from RUN/FROM -> RUN/FROM-rl-ALGO, then its evaluat
 aligned() {  # SUFFIX ALGOS [FLAGS]: discriminator (upcycle the SFT policy + warm-up) -> RUN/discSUFFIX, stage 2 ->
              # RUN/alignSUFFIX, then RL from it with each of ALGOS; FLAGS go to warmup.py and align.py (an ablation's)
   local sfx=$1 algos=$2 A pids=(); shift 2  # (its own pids: join waits only for its own children)
+  [ -n "$sfx" ] && SLOT=1  # an ablation (this function runs in its own background shell with PAR=1)
   say "discriminator$sfx: upcycle the SFT policy + warm-up -> $RUN/disc$sfx"
   done_ "$RUN/disc$sfx" || launch warmup.py --disc "upcycle:$RUN/sft" --data "$DATA/warmup.jsonl" --out "$RUN/disc$sfx" \
     --epochs "$WARM_EPOCHS" --batch-size 16 --lr 1e-4 --val 32 --disc-micro 32 --seed "$SEED" "$@"
@@ -110,6 +124,7 @@ aligned() {  # SUFFIX ALGOS [FLAGS]: discriminator (upcycle the SFT policy + war
   join
 }
 sft2() {  # ablation: no alignment; SFT on the curated demonstrations, as many examples as alignment samples rollouts
+  SLOT=1
   say "ablation sft2: $ALIGN_STEPS more SFT steps x $((P * G)) curated demonstrations -> $RUN/sft2"
   done_ "$RUN/sft2" || launch sft.py --init "$RUN/sft" --data "$RUN/curated/sft.jsonl" --out "$RUN/sft2" \
     --steps "$ALIGN_STEPS" --batch-size $((P * G)) --micro-batch "$SFT_BATCH" --lr "$ALIGN_LR" --warmup-ratio 0.05 \
@@ -125,7 +140,7 @@ ablation_flags() {  # NAME -> the discriminator flags of that ablation
 }
 for V in $ABLATIONS; do [ "$V" = sft2 ] || ablation_flags "$V" > /dev/null; done  # a misspelt one fails here, not later
 
-bg eval-base evaluate base
+bg eval-base evaluate base 0  # the random-init policy: greedy only (it solves nothing)
 bg eval-sft evaluate sft
 for A in $ALGO; do bg "sft-rl-$A" rl sft "$A"; done  # RL from the SFT policy needs nothing of the alignment stage
 
@@ -148,6 +163,9 @@ fi
 
 bg align aligned "" "$ALGO"
 FIRST=${ALGO%% *}
+# the ablations queue behind the main comparison: they start once the aligned policy exists (a run stopped at a deadline
+# then has both arms first)
+[ "$PAR" = 1 ] && [ -n "$ABLATIONS" ] && while ! done_ "$RUN/align"; do sleep 2; kill -0 "${pids[-1]}" 2>/dev/null || break; done
 for V in $ABLATIONS; do
   if [ "$V" = sft2 ]; then bg sft2 sft2 "$FIRST"; else bg "align-$V" aligned "-$V" "$FIRST" $(ablation_flags "$V"); fi
 done

@@ -438,3 +438,27 @@ def test_cached_image_processing_gives_the_processors_own_encoding(world, proces
                 assert torch.equal(it["pixel_values"], want["pixel_values"])
                 assert torch.equal(it["image_grid_thw"], want["image_grid_thw"])
 
+
+
+def test_broad_answers_are_right_as_often_as_their_question_can_be_read_off(tmp_path):
+    """In the SFT mixture, response_style tells the two supervision styles apart; the high-fidelity responses are always
+    right, and the broad ones right at BROAD_CORRECT's rate for their question's type (within 4 binomial standard errors):
+    mostly for one object's attribute, rarely for the compositional types."""
+    import hashlib
+    import re
+    out = str(tmp_path / "w")
+    data.make_synthetic(out, seed=1, n_sft=3000, n_align=8, n_rl=8, n_eval=8, n_hard=8, n_warmup=8)
+    scenes = {r["sha256"]: tuple(map(tuple, r["objects"])) for r in map(json.loads, open(os.path.join(out, data.SCENES)))}
+    right = {}
+    for r in map(json.loads, open(os.path.join(out, "sft.jsonl"))):
+        q, resp = r["messages"][1]["content"].split("\n", 1)[1], r["messages"][2]["content"]
+        objs = scenes[hashlib.sha256(open(os.path.join(out, r["images"][0]), "rb").read()).hexdigest()]
+        kind = ("pair" if " and how many " in q else "arith" if "number of" in q else "choice" if "(A)" in q else
+                "attribute" if q.startswith("What is the") else "count")
+        got = re.search(r"<answer>(.*)</answer>", resp)[1]
+        right.setdefault((data.response_style(resp), kind), []).append(got == data.solve(q, objs)[0])
+    assert {s for s, _ in right} == {"teacher", "broad"}
+    for (style, kind), ok in right.items():
+        p = 1.0 if style == "teacher" else data.BROAD_CORRECT[kind]
+        assert abs(sum(ok) / len(ok) - p) <= 4 * (p * (1 - p) / len(ok)) ** 0.5, (style, kind, sum(ok) / len(ok))
+    assert data.response_style("<caption>\n- row 1, column 2: red circle\n- something else\n</caption>") == "other"

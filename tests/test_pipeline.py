@@ -46,6 +46,10 @@ def check_pipeline(env, run):
         assert r["caption_exact"] == sum(p["caption_exact"] for p in pp) / len(pp)  # the world's splits carry teacher text
         for kind, acc in r["acc_by_kind"].items():
             assert acc == sum(p["acc"] for p in pp if p["kind"] == kind) / sum(p["kind"] == kind for p in pp)
+        for style, share in r["style_share"].items():  # the greedy responses' supervision style, and accuracy within it
+            mine = [p for p in pp if p["style"] == style]
+            assert share == len(mine) / len(pp) and r["acc_by_style"][style] == sum(p["acc"] for p in mine) / len(mine)
+        assert abs(sum(r["style_share"].values()) - 1) < 1e-12
     assert "| stage | caption exact (held-out) | caption exact (hard) | arith | attribute | choice | conj | count | pair |" in \
         open(os.path.join(run, "report.md")).read()
     # paired differences between stages: RL's gain over its start on the same prompts, with the interval around it
@@ -105,3 +109,8 @@ def test_paired_difference_is_the_mean_difference_with_a_bootstrap_interval():
     assert abs(lo - (mean - 1.96 * se)) < 0.25 * se and abs(hi - (mean + 1.96 * se)) < 0.25 * se
     assert E.paired_difference(a, a)[:3] == (0.0, 0.0, 0.0)
     assert E.paired_difference(a, [{"where": "other", "acc": 1.0}])[3] == 0  # no prompt in common
+    # mean@k: the per-prompt mean of the sampled accuracies; prompts without samples are left out
+    sa = [dict(p, sample_acc=[1.0, 0.0, 0.0, 1.0]) for p in a[:300]] + a[300:]
+    sb = [dict(p, sample_acc=[1.0, 1.0, 1.0, 0.0]) for p in a[:200]]
+    mean, lo, hi, n = E.paired_difference(sa, sb, value=E.sampled)
+    assert n == 200 and abs(mean - 0.25) < 1e-12 and lo == hi == mean  # every prompt differs by the same 0.25
