@@ -285,6 +285,10 @@ if __name__ == "__main__":
     p.add_argument("--processor", default=None, help="processor directory (default: the --policy directory)")
     add_discriminator_args(p)
     p.add_argument("--freeze-vision", action="store_true", help="the policy's vision tower gets no gradient")
+    p.add_argument("--offload", action="store_true", help="keep the model not in use in pinned host memory (its fp32 "
+                   "shards and optimizer state): the policy's during the discriminator's scoring and update, the "
+                   "discriminator's during the rollouts and the policy update; the copies overlap the rollouts. For the "
+                   "paper's shape on one large GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block of the policy (4B on GPUs: "
                    "+25-33%% training tokens/s, bench.py; the first steps compile)")
     # data
@@ -368,6 +372,21 @@ if __name__ == "__main__":
     policy = M.shard(M.LogProbs(hf, args.temperature), device, args.freeze_vision, args.grad_ckpt, args.compile)
     opt_p = M.make_optimizer(policy, args.lr, args.weight_decay)
     opt_d = M.make_optimizer(disc, args.disc_lr, args.weight_decay)
+    p_off, d_off = (M.Offload(policy, opt_p), M.Offload(disc, opt_d)) if args.offload else (None, None)
+
+    def on_gpu(*offs):  # --offload: bring these back (and wait for them)
+        for o in offs:
+            if o is not None and not o.on_device:
+                o.back()
+            if o is not None:
+                o.wait()
+
+    def swap(leave, come):  # --offload: `leave` to the host, `come` back; the copies run beside what follows
+        if leave is not None:
+            leave.out()
+            if not come.on_device:
+                come.back()
+
     cfg = rl.UpdateConfig("grpo", args.clip_low, args.clip_high, args.clip_c, args.mini_batches, args.epochs,
                           args.micro_batch, args.micro_tokens, args.grad_clip, args.kl_coef)
     M.print0(f"world {world} | {P} prompts x {G} rollouts per step ({R} per rank) | {args.steps} steps | "
@@ -386,6 +405,7 @@ if __name__ == "__main__":
     for step in range(start, args.steps + 1):
         last_step = step == args.steps
         if step > start and (last_step or (args.save_every and step % args.save_every == 0)):
+            on_gpu(p_off, d_off)
             M.save_checkpoint(ckpt_dir, step, {"policy": (policy, opt_p), "disc": (disc, opt_d)},
                               {"pos": pos, "skipped": n_skipped})
         if last_step:
@@ -394,6 +414,7 @@ if __name__ == "__main__":
         # ---- rollouts: this rank's rows of the step's P x G ------------------------------------------------------
         t0 = time.time()
         engine.sync_weights(policy, infer)
+        swap(p_off, d_off)  # the rollouts need only the inference copy; the discriminator scores them next
         torch.manual_seed(args.seed * 100003 + step * 101 + rank)
         first = rank * R // G  # this rank's prompts: those of its rows
         mine = [prompts[i] for i in data.stream_indices(len(prompts), args.seed, pos, P)[first:(rank * R + R - 1) // G + 1]]
@@ -411,6 +432,7 @@ if __name__ == "__main__":
 
         # ---- scores (no grad, before the discriminator's update) and advantages ------------------------------------
         t1 = time.time()
+        on_gpu(d_off)
         disc.eval()
         nch = len(CHANNELS[mode])
         seqs = [Seq(ex, s, c) for ex in mine for s, c in zip(teacher_segments(ex, mode), CHANNELS[mode])]  # teachers,
@@ -439,11 +461,13 @@ if __name__ == "__main__":
             for _ in range(args.disc_updates_per_step):
                 dm = discriminator_step(disc, opt_d, framing, mine, rollouts, mode, device, score_reg=args.score_reg,
                                         score_clip=args.score_clip, grad_clip=args.grad_clip, micro_tokens=args.micro_tokens)
+        swap(d_off, p_off)
         t_disc = time.time() - t2
 
         # ---- policy update: PPO clipped loss with the alignment advantages (REINFORCE when on-policy) -------------
         items = [data.join_response(enc[r.prompt], r.ids) for r in rollouts]
         up = {"grad_norm": float("nan"), "t_update": 0.0, "skipped": 0}
+        on_gpu(p_off)
         if step >= args.disc_warmup_steps:
             longest = max((len(it["input_ids"]) for it in items), default=0)
             with M.oom_guard("the policy update", f"{len(items)} sequences on this rank, the longest {longest} tokens, "
@@ -473,6 +497,7 @@ if __name__ == "__main__":
                  f"valid {rec['valid']:.2f} | len {rec['length']:.0f} | gen {t_gen:.1f}s score {t_score:.1f}s disc "
                  f"{t_disc:.1f}s policy {up['t_update']:.1f}s" + (f" | mem {rec['mem_gb']:.1f}GB" if device.type == "cuda" else ""))
 
+    on_gpu(p_off, d_off)
     M.save_hf(policy, processor, args.out, {"stage": "align", **vars(args), "skipped_steps": n_skipped,
                                             "dropped_long_prompts": n_long})
     os.makedirs(os.path.join(args.out, "disc"), exist_ok=True)

@@ -311,6 +311,78 @@ def clip_grad(model, max_norm):
     return norm.item()
 
 
+class Offload:
+    """A model's fp32 shards and its optimizer's state in pinned host memory while another model has the GPU (align.py
+    --offload: the policy's during the discriminator's scoring and update, the discriminator's during the rollouts and
+    the policy update). The device storages are freed (resized to 0) and re-allocated on the way back, so every tensor,
+    view and optimizer key stays what it was (FSDP2's shards are views of its padded buffers). The copies run on a side
+    stream: `out` and `back` return at once, `wait` makes the compute stream wait for them (free them before this
+    returns, and the allocator reuses their blocks only once the copies are done)."""
+
+    def __init__(self, model, opt):
+        self.model, self.opt, self.storages, self.host = model, opt, [], []
+        pin = torch.cuda.is_available()
+        self.stream = torch.cuda.Stream() if pin else None
+        self.on_device = True
+
+    def _collect(self):
+        """The distinct storages under the parameters and the optimizer's state (AdamW makes its state at its first step,
+        so they are read at each offload); host buffers are allocated once for them."""
+        tensors = list(self.model.parameters()) + [v for st in self.opt.state.values() for v in st.values()
+                                                    if torch.is_tensor(v)]
+        seen, storages = set(), []  # several tensors may share one storage
+        for t in tensors:
+            st = (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()
+            if (st.device.type != "cpu" or self.stream is None) and st.nbytes() and st.data_ptr() not in seen:
+                seen.add(st.data_ptr())  # (on a CPU-only machine the same path runs, host to host)
+                storages.append(st)
+        if [st.nbytes() for st in storages] != [h.numel() for h in self.host]:
+            self.host = [torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=self.stream is not None) for st in storages]
+        self.storages, self.nbytes = storages, [st.nbytes() for st in storages]
+
+    @staticmethod
+    def _bytes(st):  # a uint8 view of a whole storage
+        return torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (st.nbytes(),), (1,))
+
+    def _side(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def out(self):
+        """Copy every storage to the host and free it on the device."""
+        assert self.on_device, "offloaded twice"
+        self._collect()
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream())  # after the last kernel that wrote them
+        with self._side():
+            for st, h in zip(self.storages, self.host):
+                b = self._bytes(st)
+                h.copy_(b, non_blocking=True)
+                if self.stream is not None:
+                    b.record_stream(self.stream)  # the block is reused only after this copy
+        for st in self.storages:
+            st.resize_(0)
+        self.on_device = False
+
+    def back(self):
+        """Re-allocate every storage on the device and copy it back from the host (call wait() before using them)."""
+        assert not self.on_device, "not offloaded"
+        for st, n in zip(self.storages, self.nbytes):
+            st.resize_(n)
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream())  # the storages' new blocks are allocated
+        with self._side():
+            for st, h in zip(self.storages, self.host):
+                b = self._bytes(st)
+                b.copy_(h, non_blocking=True)
+                if self.stream is not None:
+                    b.record_stream(self.stream)
+        self.on_device = True
+
+    def wait(self):
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+
+
 # -----------------------------------------------------------------------------
 # forward passes
 

@@ -410,6 +410,20 @@ def test_align_micro_batches_by_tokens_equal_one_micro_batch(world, tiny_dirs, t
             assert abs(a[k] - b[k]) < 1e-4, k
 
 
+def test_offload_leaves_the_game_bitwise_the_same(world, tiny_dirs, tmp_path):
+    """align.py --offload (each model's shards and optimizer state on the host while the other one works, brought back for
+    the checkpoint at step 2 and the final save): the same checkpoints and logged scores as the run without it."""
+    policy, disc = tiny_dirs
+    outs = [str(tmp_path / n) for n in ("plain", "offload")]
+    for out, flag in zip(outs, ([], ["--offload"])):
+        run("align.py", *align_args(world, policy, disc, out, steps=3, save_every=2), *flag, env={"PATCH_NO_DROPOUT": "1"})
+    for prefix in ("policy.model.", "disc."):
+        assert_same_params(*(checkpoint_params(last_checkpoint(o), prefix) for o in outs), atol=0)
+    m1, m2 = (metrics(o) for o in outs)
+    same = lambda x, y: x == y or (x != x and y != y)  # noqa: E731 (nan: a metric with nothing to measure)
+    assert len(m1) == len(m2) == 3 and all(same(a[k], b[k]) for a, b in zip(m1, m2) for k in a if not k.startswith("t_"))
+
+
 @pytest.mark.parametrize("mode", ["rank0-valid", "none-valid"])
 
 
