@@ -332,6 +332,8 @@ if __name__ == "__main__":
     p.add_argument("--micro-tokens", type=int, default=16384, help="and at most this many padded tokens (0: no cap), in the "
                    "policy's and the discriminator's updates, so the activation memory stays bounded at long responses; "
                    "sequences are sorted by length into micro-batches")
+    p.add_argument("--pack", action="store_true", help="the policy update: each micro-batch's sequences in one row, "
+                   "no FLOPs on padding (varlen flash attention on GPUs); the same log-probs as padded batches (tests/test_model.py)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite updates in a row")
     # checkpoint / logging
@@ -388,7 +390,7 @@ if __name__ == "__main__":
                 come.back()
 
     cfg = rl.UpdateConfig("grpo", args.clip_low, args.clip_high, args.clip_c, args.mini_batches, args.epochs,
-                          args.micro_batch, args.micro_tokens, args.grad_clip, args.kl_coef)
+                          args.micro_batch, args.micro_tokens, args.grad_clip, args.kl_coef, args.pack)
     M.print0(f"world {world} | {P} prompts x {G} rollouts per step ({R} per rank) | {args.steps} steps | "
              f"disc {args.disc} experts {E or 1} segments {mode} routing {args.disc_routing} text-only {args.disc_text_only} | "
              f"alpha {args.alpha} format-penalty {args.format_penalty} | lr {args.lr} / {args.disc_lr} | {len(prompts)} prompts "

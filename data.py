@@ -15,6 +15,7 @@ to the data file. Every bad record raises DataError naming the file and record, 
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -312,13 +313,17 @@ def stream_indices(n, seed, start, count):
 GPU_PAD_MULTIPLE = 64
 
 
-def collate(items, pad_id, left=False):
+def collate(items, pad_id, left=False, packed=False):
     """Pad a list of render_chat dicts into a batch (on the right; on the left for generation prompts): input_ids,
     attention_mask, labels, mm_token_type_ids (B, T); pixel_values (sum P, D) and image_grid_thw (n_images, 3) concatenated
     in batch order (absent when no item has images); rollout_logprobs (B, T) at the supervised positions when every item
     has them (join_response). On a GPU, T is rounded up to a multiple of GPU_PAD_MULTIPLE: a bounded set of shapes, so
     cuDNN's attention reuses its plans (a new shape costs ~4 ms of host time per attention call) and a compiled block
-    its graphs."""
+    its graphs.
+    packed=True adds "packed": the same items one after another in ONE row (1, L) (input_ids, attention_mask, labels,
+    mm_token_type_ids, the same images) with "cu_seqlens" (B + 1,) int32, each item's start, then L (the padding to a
+    GPU multiple forms one more segment). The forwards run on that row (model.token_logprobs) and hand back the padded
+    (B, T) layout, so no FLOP is spent on padding and everything downstream reads the batch as before."""
     B, T = len(items), max(len(it["input_ids"]) for it in items)
     if torch.cuda.is_available():
         T = -(-T // GPU_PAD_MULTIPLE) * GPU_PAD_MULTIPLE
@@ -338,6 +343,17 @@ def collate(items, pad_id, left=False):
     if with_img:
         batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_img])
         batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_img])
+    if packed:
+        assert not left, "a packed batch is for training and scoring forwards (right-padded)"
+        lens = [len(it["input_ids"]) for it in items]
+        ends = list(itertools.accumulate(lens))
+        L = -(-ends[-1] // GPU_PAD_MULTIPLE) * GPU_PAD_MULTIPLE if torch.cuda.is_available() else ends[-1]
+        row = {k: torch.cat([it[k] for it in items] + [torch.full((L - ends[-1],), fill, dtype=torch.long)])[None]
+               for k, fill in (("input_ids", pad_id), ("labels", -100), ("mm_token_type_ids", 0))}
+        row["attention_mask"] = torch.ones(1, L, dtype=torch.long)  # the padding at the end is its own segment
+        row["cu_seqlens"] = torch.tensor([0] + ends + [L] * (L > ends[-1]), dtype=torch.int32)
+        row.update({k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})
+        batch["packed"] = row
     return batch
 
 

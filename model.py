@@ -215,15 +215,16 @@ def load_policy(spec, processor, device, seed=0, trust_remote_code=False):
         torch.manual_seed(seed)
         cfg = build_config(spec, processor.tokenizer)
         cfg._attn_implementation = attn_impl(device)
-        return Qwen3VLForConditionalGeneration(cfg)
+        return use_packed_attention(Qwen3VLForConditionalGeneration(cfg))
     if not os.path.isfile(os.path.join(spec, "config.json")):
         raise SystemExit(f"--policy/--init {spec!r}: not a built-in config ({', '.join(CONFIGS)}) nor an HF directory")
     cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     if cfg.model_type != "qwen3_vl":
         raise SystemExit(f"{spec}: model_type is {cfg.model_type!r}; the policy must be a dense Qwen3-VL (qwen3_vl)")
     check_vocab(cfg, processor, spec)
-    return AutoModelForImageTextToText.from_pretrained(spec, dtype=torch.float32, attn_implementation=attn_impl(device),
-                                                       trust_remote_code=trust_remote_code, use_safetensors=True)
+    return use_packed_attention(AutoModelForImageTextToText.from_pretrained(
+        spec, dtype=torch.float32, attn_implementation=attn_impl(device), trust_remote_code=trust_remote_code,
+        use_safetensors=True))
 
 
 def check_vocab(cfg, processor, where):
@@ -453,21 +454,77 @@ def use_stacked_vision_attention():
 use_stacked_vision_attention()
 
 
+def varlen_causal(q, k, v, cu, max_len, scale):
+    """Causal attention within each segment of a packed row: q (T, H, D), k and v (T, Hkv, D), cu (n + 1,) int32 segment
+    starts on the device. PyTorch's variable-length flash kernel (its signature changed between releases)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+    params = inspect.signature(varlen_attn).parameters
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if q.shape[1] != k.shape[1]:  # grouped-query attention
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **kw)
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_cu_seqlens=None,
+                     packed_max_len=0, **kwargs):
+    """The decoder's attention ("prism"): SDPA, except on a packed row (data.collate(packed=True): several sequences one
+    after another), where each sequence attends causally to itself only: one variable-length flash call on GPUs (no
+    FLOPs across sequences or on padding), one causal SDPA call per sequence elsewhere. query (1, H, T, D), key and value
+    (1, Hkv, T, D); returns ((1, T, H, D), None) as transformers' attention functions do."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if packed_cu_seqlens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout and module.training:
+        raise ValueError("packed attention has no dropout: set the model's attention_dropout to 0")
+    q, k, v = query[0], key[0], value[0]  # (H, T, D), (Hkv, T, D)
+    if q.is_cuda:
+        out = varlen_causal(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), packed_cu_seqlens, packed_max_len,
+                            scaling)  # (T, H, D)
+    else:
+        cu = packed_cu_seqlens.tolist()
+        out = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True, scale=scaling,
+                                                        enable_gqa=True) for s, e in zip(cu, cu[1:])], dim=1).transpose(0, 1)
+    return out[None], None
+
+
+def use_packed_attention(model):
+    """Route a Qwen3-VL(-MoE) decoder's attention through packed_attention (the vision tower keeps SDPA); a model on
+    another attention implementation (flash-attn) is left as it is."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register("prism", packed_attention)
+    AttentionMaskInterface.register("prism", sdpa_mask)  # padded batches get SDPA's masks, as before
+    text = model.config.text_config
+    if text._attn_implementation == "sdpa":
+        text._attn_implementation = "prism"
+    return model
+
+
 def rope_positions(t, batch, device=None):
     """The M-RoPE positions (3, B, T) of a batch with images, computed on the host from its CPU tensors, as transformers'
     get_rope_index computes them (tested equal) without its per-token Python loop: text tokens count up on all three
     axes; an image's merged patches at (s, s + row, s + col), s the position after the text before it, and the text after
     it continues at s + max(rows, cols). Padding (attention_mask 0) stays 0. None without images."""
-    if "pixel_values" not in batch:
+    if "pixel_values" not in batch and "cu_seqlens" not in batch:
         return None
     # FSDP's root moves a batch to the GPU before the forward: then one copy back (the caller's CPU tensors need none)
     mm, am = batch["mm_token_type_ids"].cpu().numpy(), batch["attention_mask"].cpu().numpy().astype(bool)
-    grids = batch["image_grid_thw"].tolist()
+    grids = batch["image_grid_thw"].tolist() if "image_grid_thw" in batch else []
     merge = t.config.vision_config.spatial_merge_size
     B, T = mm.shape
     pos, g = np.zeros((3, B, T), dtype=np.int64), 0
-    for b in range(B):
-        types = mm[b, am[b]]
+    if "cu_seqlens" in batch:  # a packed row (data.collate(packed=True)): every sequence counts from 0 again
+        cu = batch["cu_seqlens"].tolist()
+        docs = [(0, slice(s, e)) for s, e in zip(cu, cu[1:])]
+    else:
+        docs = [(b, am[b]) for b in range(B)]
+    for b, where in docs:
+        types = mm[b, where]
         if types.max(initial=0) > 1:
             raise ValueError("video tokens: rope_positions handles images only")
         row = np.empty((3, len(types)), dtype=np.int64)
@@ -485,7 +542,7 @@ def rope_positions(t, batch, device=None):
             row[2, s:e] = cur + np.tile(np.arange(w), nt * h)
             cur, done = cur + max(h, w), e
         row[:, done:] = cur + np.arange(len(types) - done)
-        pos[:, b, am[b]] = row
+        pos[:, b, where] = row
     pos = torch.from_numpy(pos)
     return pos.to(device) if device is not None else pos
 
@@ -502,7 +559,11 @@ def hidden_states(model, batch, device):
         pix = torch.zeros(4, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, device=device)
         out = t.visual(pix.to(t.visual.dtype), grid_thw=torch.tensor([[1, 2, 2]], device=device))
         tie = 0.0 * (out.pooler_output.sum() + sum(d.sum() for d in out.deepstack_features))
-    out = t(**trunk_inputs(batch, device), position_ids=rope_positions(t, batch, device), use_cache=False)
+    packed = {}
+    if "cu_seqlens" in batch:  # a packed row: packed_attention keeps each sequence to itself
+        cu = batch["cu_seqlens"]
+        packed = {"packed_cu_seqlens": cu.to(device), "packed_max_len": int((cu[1:] - cu[:-1]).max())}
+    out = t(**trunk_inputs(batch, device), position_ids=rope_positions(t, batch, device), use_cache=False, **packed)
     return out.last_hidden_state + tie
 
 
@@ -521,7 +582,17 @@ def token_logprobs(model, batch, device, chunk=2048, temperature=1.0, entropy=Fa
     else 0. (B, T) fp32. The vocabulary projection runs on `chunk` target rows at a time and is recomputed in backward,
     so full fp32 logits over the vocabulary are never materialised for the whole sequence. With a temperature, p is the
     distribution the rollouts were sampled from, softmax(logits / T). With entropy=True also that distribution's entropy at
-    each supervised position (B, T), 0 elsewhere, from the same chunked pass (no second softmax over the vocabulary)."""
+    each supervised position (B, T), 0 elsewhere, from the same chunked pass (no second softmax over the vocabulary).
+    A batch with "packed" (data.collate(packed=True)) runs on its one packed row and returns the same (B, T) layout."""
+    if "packed" in batch:
+        out = token_logprobs(model, batch["packed"], device, chunk, temperature, entropy)
+        B, T = batch["labels"].shape
+        starts = batch["packed"]["cu_seqlens"][:B].long()  # (B,) each sequence's first position in the row
+        at = torch.arange(T)
+        idx = (starts[:, None] + at).clamp(max=batch["packed"]["input_ids"].shape[1] - 1).to(device)  # (B, T)
+        real = (at < batch["attention_mask"].sum(1, keepdim=True)).to(device)  # (B, T)
+        unpack = lambda x: torch.where(real, x[0][idx], 0.0)  # noqa: E731 (1, L) -> (B, T)
+        return (unpack(out[0]), unpack(out[1])) if entropy else unpack(out)
     labels = batch["labels"].to(device)
     h = hidden_states(model, batch, device)  # (B, T, H)
     # position t-1 predicts token t: targets are labels shifted left by one

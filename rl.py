@@ -121,6 +121,7 @@ class UpdateConfig:
     micro_tokens: int = 0  # and at most this many padded tokens (0: no cap)
     grad_clip: float = 1.0
     kl_coef: float = 0.0  # k3 KL to a frozen reference (needs `ref`)
+    pack: bool = False  # each micro-batch packed into one row (data.collate(packed=True))
 
 
 def update_policy(policy, opt, items, adv, placeholder, cfg, lr, pad_id, device, ref=None):
@@ -140,8 +141,8 @@ def update_policy(policy, opt, items, adv, placeholder, cfg, lr, pad_id, device,
     def micro(j):
         (mb_items, mb_adv), g = mbs[j], groups[j]
         for i in range(n_micro[j]):
-            yield ((data.collate([mb_items[k] for k in g[i]], pad_id), torch.tensor([mb_adv[k] for k in g[i]]))
-                   if i < len(g) else (data.collate([ph], pad_id), torch.zeros(1)))
+            yield ((data.collate([mb_items[k] for k in g[i]], pad_id, packed=cfg.pack), torch.tensor([mb_adv[k] for k in g[i]]))
+                   if i < len(g) else (data.collate([ph], pad_id, packed=cfg.pack), torch.zeros(1)))
 
     # old log-probs: only off-policy updates need them (with one mini-batch and one epoch, old = current, ratio 1)
     t0 = time.time()
@@ -265,6 +266,8 @@ if __name__ == "__main__":
     p.add_argument("--micro-batch", type=int, default=8, help="at most this many sequences per forward/backward per rank")
     p.add_argument("--micro-tokens", type=int, default=16384, help="and at most this many padded tokens (0: no cap), so "
                    "the activation memory stays bounded at long responses; sequences are sorted by length into micro-batches")
+    p.add_argument("--pack", action="store_true", help="each micro-batch's sequences in one row, no FLOPs on padding "
+                   "(varlen flash attention on GPUs); the same log-probs as padded batches (tests/test_model.py)")
     p.add_argument("--clip-low", type=float, default=None, help="ratio clip below 1 (default: per algorithm)")
     p.add_argument("--clip-high", type=float, default=None, help="ratio clip above 1 (default: per algorithm)")
     p.add_argument("--clip-c", type=float, default=None, help="dual-clip constant for A < 0 (default: per algorithm)")
@@ -287,7 +290,7 @@ if __name__ == "__main__":
     pick = lambda flag, key: algo[key] if flag is None else flag  # noqa: E731  a flag, else the algorithm's default
     cfg = UpdateConfig(args.algo, pick(args.clip_low, "clip_low"), pick(args.clip_high, "clip_high"),
                        pick(args.clip_c, "clip_c"), args.mini_batches, args.epochs, args.micro_batch, args.micro_tokens,
-                       args.grad_clip, args.kl_coef)
+                       args.grad_clip, args.kl_coef, args.pack)
     wd = pick(args.weight_decay, "weight_decay")
     warmup = args.warmup_steps if args.warmup_steps is not None else algo["warmup_steps"] or int(algo["warmup_ratio"] * args.steps)
     buffer = args.overlong_buffer if args.overlong_buffer is not None else args.max_new_tokens // 2

@@ -45,6 +45,8 @@ p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: derive 
 p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
 p.add_argument("--batch-size", type=int, default=128, help="global batch in examples per optimizer step")
 p.add_argument("--micro-batch", type=int, default=4, help="examples per forward/backward per rank")
+p.add_argument("--pack", action="store_true", help="each micro-batch's sequences in one row, no FLOPs on padding "
+               "(varlen flash attention on GPUs); the same log-probs as padded batches (tests/test_model.py)")
 p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
 p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up as a share of the steps, then cosine to 0")
 p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -128,7 +130,7 @@ def micro_batches(items):
             ph = dict(placeholder)
             ph["labels"] = torch.full_like(ph["labels"], -100)
             chunk = [ph]
-        out.append(data.collate(chunk, pad_id))
+        out.append(data.collate(chunk, pad_id, packed=args.pack))
     return out
 
 
@@ -169,7 +171,7 @@ def val_loss():
     n_mb = math.ceil(math.ceil(len(val) / world) / args.micro_batch)
     for i in range(n_mb):  # the same number of forwards on every rank
         chunk = mine[i * args.micro_batch:(i + 1) * args.micro_batch] or [placeholder]
-        b = data.collate(chunk, pad_id)
+        b = data.collate(chunk, pad_id, packed=args.pack)
         lp = policy(b)
         mask = b["labels"].to(device) != -100
         if chunk[0] is not placeholder:

@@ -248,3 +248,40 @@ def test_offload_round_trips_weights_and_optimizer_state_exactly(dist1, processo
     assert len(off.storages) == 4 * n_params, (len(off.storages), n_params)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     assert len(s0) == len(s1) and all(torch.equal(x, y) for x, y in zip(s0, s1))
+
+
+def test_packed_rows_give_the_padded_batchs_logprobs_and_gradients(processor, items, tmp_path):
+    """collate(packed=True): sequences one after another in one row, each with its own M-RoPE positions (images at
+    their grid positions, counted from the sequence's start) and attending to itself only. The per-token log-probs,
+    entropies and gradients equal those of the padded batch, with images of different sizes, a prompt with two images
+    and one without any (the classic failure of packed VLM training: positions or attention leaking across sequences)."""
+    from PIL import Image
+    for name, col, size in (("r.png", (200, 10, 10), (64, 32)), ("b.png", (10, 10, 200), (32, 96))):
+        Image.new("RGB", size, col).save(tmp_path / name)
+    two = data.Example(question="<image> left, <image> right: which is red?", images=[str(tmp_path / "r.png"),
+                       str(tmp_path / "b.png")], where="two")
+    none = data.Example(question="no image here: what is 2 + 3?", images=[], where="none")
+    seqs = [items[0], data.render_chat(processor, two, "<answer>left</answer>"), items[1],
+            data.render_chat(processor, none, "<answer>5</answer>"), items[2]]
+    torch.manual_seed(0)
+    hf = M.load_policy("tiny", processor, torch.device("cpu"), seed=3)
+    out = []
+    for packed in (False, True):
+        b = data.collate(seqs, pad_id=0, packed=packed)
+        hf.zero_grad()
+        lp, ent = M.token_logprobs(hf, b, "cpu", entropy=True)
+        (lp.sum() + 0.1 * (lp * lp).sum()).backward()
+        out.append((lp.detach(), ent, {n: p.grad.clone() for n, p in hf.named_parameters() if p.grad is not None}))
+    row = data.collate(seqs, 0, packed=True)["packed"]
+    assert row["input_ids"].shape == (1, sum(len(s["input_ids"]) for s in seqs)) and row["cu_seqlens"].tolist()[-1] == \
+        row["input_ids"].shape[1]
+    assert (out[0][0] != 0).sum() > 50  # the supervised tokens
+    torch.testing.assert_close(out[1][0], out[0][0], atol=2e-5, rtol=0)
+    torch.testing.assert_close(out[1][1], out[0][1], atol=2e-5, rtol=0)
+    assert out[0][2].keys() == out[1][2].keys() and len(out[0][2]) > 10
+    for n in out[0][2]:
+        torch.testing.assert_close(out[1][2][n], out[0][2][n], atol=1e-4, rtol=1e-4, msg=n)
+    # the reference is independent of the packed path: each sequence alone through the HF forward
+    for i, s in enumerate(seqs):
+        alone = reference_logprobs(hf, data.collate([s], 0))[0]
+        torch.testing.assert_close(out[1][0][i, :len(alone)], alone, atol=2e-5, rtol=0)

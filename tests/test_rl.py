@@ -249,9 +249,10 @@ def test_over_long_prompts_are_dropped_and_counted(world, processor, tiny_dirs, 
     assert r.returncode != 0 and "every prompt is longer than --max-prompt-len" in r.stdout + r.stderr
 
 
-def test_update_reports_entropy_and_the_rollout_mismatch(dist1, world, processor):
+@pytest.mark.parametrize("pack", [False, True])
+def test_update_reports_entropy_and_the_rollout_mismatch(dist1, world, processor, pack):
     """update_policy's entropy (from the chunked log-prob pass) and its mean k3 between the rollout's and the update's
-    log-probs, against the full-vocabulary softmax of an unsharded copy at the same temperature."""
+    log-probs, against the full-vocabulary softmax of an unsharded copy at the same temperature; padded and packed."""
     exs, _ = data.read_examples(os.path.join(world[0], "eval.parquet"), "prompt")
     g = torch.Generator().manual_seed(0)
     resp = [torch.randint(20, 300, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
@@ -268,7 +269,7 @@ def test_update_reports_entropy_and_the_rollout_mismatch(dist1, world, processor
     d = lp - b["rollout_logprobs"][:, 1:]
     want_k3 = (((d.exp() - d - 1) * mask).sum() / mask.sum()).item()
     policy = M.shard(M.LogProbs(M.load_policy("tiny", processor, dist1, seed=5), temperature=0.7), dist1)
-    cfg = rl.UpdateConfig("grpo", 0.2, 0.2, 3.0, micro_batch=2)
+    cfg = rl.UpdateConfig("grpo", 0.2, 0.2, 3.0, micro_batch=2, pack=pack)
     up = rl.update_policy(policy, torch.optim.SGD(policy.parameters(), lr=0.0), items, [1.0, -1.0, 0.5, 0.0], items[0],
                           cfg, 0.0, 0, dist1)
     assert up["entropy"] == pytest.approx(((ent * mask).sum() / mask.sum()).item(), rel=1e-5)

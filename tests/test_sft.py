@@ -28,6 +28,18 @@ def test_grad_accumulation_equals_one_big_batch(world, tmp_path):
     assert_same_params(checkpoint_params(last_checkpoint(one)), checkpoint_params(last_checkpoint(four)), atol=5e-6)
 
 
+def test_packed_micro_batches_equal_padded_ones(world, tmp_path):
+    """sft.py --pack (each micro-batch's examples in one row) trains as the padded batches do: loss, grad norm, weights."""
+    plain, packed = str(tmp_path / "plain"), str(tmp_path / "packed")
+    run("sft.py", *sft_args(world, plain, steps=2))
+    run("sft.py", *sft_args(world, packed, steps=2), "--pack")
+    for a, b in zip(metrics(plain), metrics(packed)):
+        for k in ("loss", "grad_norm", "val_loss"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-5), k
+    assert_same_params(checkpoint_params(last_checkpoint(plain)), checkpoint_params(last_checkpoint(packed)), atol=5e-6)
+
+
 def test_two_process_fsdp_equals_one_process(world, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run("sft.py", *sft_args(world, one, steps=3, micro_batch=2))
