@@ -62,6 +62,9 @@ p.add_argument("--batch", type=int, default=2, help="sequences per GPU per step"
 p.add_argument("--steps", type=int, default=6, help="train: timed steps (after 2 warm-up steps); align, rl: stage steps")
 p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in every block")
 p.add_argument("--compile", action="store_true", help="train: torch.compile each decoder block")
+p.add_argument("--pack", action="store_true", help="train: the --batch sequences packed into one row (varlen attention); "
+               "align, rl: the stage's --pack")
+p.add_argument("--offload", action="store_true", help="align: the stage's --offload (the model not in use on the host)")
 p.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256], help="rollout: sequences per decode batch")
 p.add_argument("--prompt", type=int, default=256, help="rollout, align, rl: text tokens per prompt (plus one 448x448 image)")
 p.add_argument("--new", type=int, default=128, help="rollout, align, rl: tokens generated per sequence")
@@ -237,6 +240,7 @@ if args.what in ("align", "rl"):
                 "--group-size", str(args.group_size), "--max-new-tokens", str(args.new), "--max-prompt-len",
                 str(args.prompt + 4096), "--gen-batch", str(args.gen_batch), "--micro-batch", str(args.micro_batch),
                 "--save-every", "0"] + ["--hf-generate"] * args.hf_generate + ["--grad-ckpt"] * args.grad_ckpt + \
+        ["--pack"] * args.pack + ["--offload"] * (args.offload and args.what == "align") + \
         (["--disc", f"upcycle:{args.disc_config}"] if args.what == "align" else ["--algo", "grpo", "--eval-every", "0"])
     runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{args.what}.py"), run_name="__main__")
     if int(os.environ.get("RANK", 0)) != 0:  # rank 0 wrote the metrics
@@ -248,6 +252,7 @@ if args.what in ("align", "rl"):
     emit({"what": args.what, "config": args.config, "gpus": int(os.environ.get("WORLD_SIZE", 1)), "prompts": args.prompts,
           "group_size": args.group_size, "prompt_tokens": len(data.render_chat(processor, ex)["input_ids"]),
           "new_tokens": args.new, "gen_batch": args.gen_batch, "hf_generate": args.hf_generate, "grad_ckpt": args.grad_ckpt,
+          "pack": args.pack, "offload": args.offload,
           **({"disc": f"upcycle:{args.disc_config} x4 top-2"} if args.what == "align" else {"algo": "grpo"}),
           "device": dev_name, "torch": torch.__version__,
           "steps": [{**{k: r[k] for k in keys}, "gen_peak_gb_rank0": g} for r, g in zip(recs, gen_peak)]})
@@ -320,6 +325,8 @@ ids = torch.randint(100, cfg.vocab_size, (args.batch, args.seq))
 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
          "mm_token_type_ids": torch.zeros_like(ids)}
 batch["labels"][:, : args.seq // 4] = -100  # a prompt quarter without loss, like the stages
+if args.pack:  # the same sequences one after another in one row, each attending to itself (varlen attention)
+    batch = data.collate([{k: v[i] for k, v in batch.items()} for i in range(args.batch)], 0, packed=True)
 times = []
 for step in range(args.steps + 2):
     torch.cuda.synchronize() if device.type == "cuda" else None
@@ -336,7 +343,7 @@ for step in range(args.steps + 2):
 dt = sum(times) / len(times)
 tok_s = args.batch * args.seq / dt  # per GPU
 res = {"what": "train", "config": args.config, "gpus": world, "seq": args.seq, "batch_per_gpu": args.batch,
-       "grad_ckpt": args.grad_ckpt, "compile": args.compile, "step_s": dt, "tok_s_per_gpu": tok_s,
+       "grad_ckpt": args.grad_ckpt, "compile": args.compile, "pack": args.pack, "step_s": dt, "tok_s_per_gpu": tok_s,
        "mfu": tok_s * flops_tok / H100_BF16,
        "peak_mem_gb": M.peak_mem_gb(), "params_b": sum(p.numel() for p in hf.parameters()) / 1e9,
        "device": dev_name, "torch": torch.__version__}

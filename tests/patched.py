@@ -45,7 +45,8 @@ def scripted(prompts, tokenizer):
         return [bad[:3 + i % 5] + [eos] for i in range(len(prompts))]
     out, k = [], 0
     for i, p in enumerate(prompts):
-        k = k + 1 if i and p["input_ids"].equal(prompts[i - 1]["input_ids"]) else 0  # index within the group
+        # index within the group: a group's rows are one rendered prompt repeated (two groups of equal prompts are not)
+        k = k + 1 if i and p is prompts[i - 1] else 0
         if os.environ.get("PATCH_GROUP"):  # a group spread over ranks: the index within it, from the global row
             k = (RANK * len(prompts) + i) % int(os.environ["PATCH_GROUP"])
         steps = "\n".join(f"step {j}" for j in range(k + 1))
