@@ -236,7 +236,7 @@ def write_report(run):
                   "| difference | " + " | ".join(f"{v} {s}" for v, _ in values for s in ("held-out", "hard")) + " |",
                   "|---" * (1 + 2 * len(values)) + "|", *rows]
     cur = os.path.join(run, "curated", "summary.json")
-    if os.path.isfile(cur):  # the alignment set's curation (curate.py)
+    if os.path.isfile(cur) and os.path.isfile(os.path.join(run, "curated", "run_config.json")):  # curate.py's set
         s, c = json.load(open(cur)), json.load(open(os.path.join(run, "curated", "run_config.json")))
         drops = ", ".join(f"{k} {v}" for k, v in s["drops_by_reason"].items() if v) or "none"
         lines += ["", f"Alignment set (curate.py): of {s['usable']} pool problems, {s['kept']} were unsolved by the SFT "
