@@ -215,7 +215,11 @@ def load_policy(spec, processor, device, seed=0, trust_remote_code=False):
         torch.manual_seed(seed)
         cfg = build_config(spec, processor.tokenizer)
         cfg._attn_implementation = attn_impl(device)
-        return use_packed_attention(Qwen3VLForConditionalGeneration(cfg))
+        # random init where the model will run (a 4B init takes minutes on the host, seconds on a GPU); inside a
+        # caller's `with torch.device("meta")` it stays there
+        where = device if torch.get_default_device().type == "cpu" else torch.get_default_device()
+        with torch.device(where):
+            return use_packed_attention(Qwen3VLForConditionalGeneration(cfg))
     if not os.path.isfile(os.path.join(spec, "config.json")):
         raise SystemExit(f"--policy/--init {spec!r}: not a built-in config ({', '.join(CONFIGS)}) nor an HF directory")
     cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
