@@ -460,7 +460,8 @@ use_stacked_vision_attention()
 
 def varlen_causal(q, k, v, cu, max_len, scale):
     """Causal attention within each segment of a packed row: q (T, H, D), k and v (T, Hkv, D), cu (n + 1,) int32 segment
-    starts on the device. PyTorch's variable-length flash kernel (its signature changed between releases)."""
+    starts on the device. PyTorch's variable-length flash kernel (its signature changed between releases: causality as
+    is_causal or as a window, scale and grouped-query heads absent from the first ones)."""
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
@@ -471,7 +472,11 @@ def varlen_causal(q, k, v, cu, max_len, scale):
             kw["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **kw)
+    if "scale" in params:
+        kw["scale"] = scale
+    elif scale is not None:  # early releases: the default 1/sqrt(D) only
+        q = q * (scale * q.shape[-1] ** 0.5)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_cu_seqlens=None,

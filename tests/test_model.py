@@ -285,3 +285,32 @@ def test_packed_rows_give_the_padded_batchs_logprobs_and_gradients(processor, it
     for i, s in enumerate(seqs):
         alone = reference_logprobs(hf, data.collate([s], 0))[0]
         torch.testing.assert_close(out[1][0][i, :len(alone)], alone, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("release", ["is_causal", "window"])
+def test_varlen_adapter_gives_causal_attention_per_segment_for_both_signatures(monkeypatch, release):
+    """model.varlen_causal calls torch's varlen_attn, whose signature changed (is_causal, no scale, no GQA at first; then
+    a causal window, scale and enable_gqa). With a stand-in of each signature that runs SDPA per segment, the adapter's
+    output is causal attention within each segment at the given scale, with grouped-query heads (against SDPA)."""
+    import torch.nn.attention.varlen as V
+    import torch.nn.functional as F
+
+    def per_segment(q, k, v, cu, causal, scale=None, gqa=False):
+        return torch.cat([F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
+                                                         v[s:e].transpose(0, 1), is_causal=causal, scale=scale,
+                                                         enable_gqa=gqa).transpose(0, 1)
+                          for s, e in zip(cu.tolist(), cu.tolist()[1:])])
+
+    if release == "is_causal":
+        def fake(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+            return per_segment(q, k, v, cu_q, is_causal)
+    else:
+        def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                 enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+            return per_segment(q, k, v, cu_q, window_size == (-1, 0), scale, enable_gqa)
+    monkeypatch.setattr(V, "varlen_attn", fake)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(20, 4, 16, generator=g), torch.randn(20, 2, 16, generator=g), torch.randn(20, 2, 16, generator=g)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    want = per_segment(q, k, v, cu, True, 0.3, True)
+    torch.testing.assert_close(M.varlen_causal(q, k, v, cu, 13, 0.3), want, atol=1e-6, rtol=1e-5)
