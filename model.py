@@ -596,10 +596,11 @@ def token_logprobs(model, batch, device, chunk=2048, temperature=1.0, entropy=Fa
     if "packed" in batch:
         out = token_logprobs(model, batch["packed"], device, chunk, temperature, entropy)
         B, T = batch["labels"].shape
-        starts = batch["packed"]["cu_seqlens"][:B].long()  # (B,) each sequence's first position in the row
-        at = torch.arange(T)
-        idx = (starts[:, None] + at).clamp(max=batch["packed"]["input_ids"].shape[1] - 1).to(device)  # (B, T)
-        real = (at < batch["attention_mask"].sum(1, keepdim=True)).to(device)  # (B, T)
+        # (FSDP's root may have moved the batch to the device already: everything here on `device`)
+        starts = batch["packed"]["cu_seqlens"][:B].long().to(device)  # (B,) each sequence's first position in the row
+        at = torch.arange(T, device=device)
+        idx = (starts[:, None] + at).clamp(max=batch["packed"]["input_ids"].shape[1] - 1)  # (B, T)
+        real = at < batch["attention_mask"].to(device).sum(1, keepdim=True)  # (B, T)
         unpack = lambda x: torch.where(real, x[0][idx], 0.0)  # noqa: E731 (1, L) -> (B, T)
         return (unpack(out[0]), unpack(out[1])) if entropy else unpack(out)
     labels = batch["labels"].to(device)
