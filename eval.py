@@ -183,8 +183,9 @@ def write_report(run):
     f = lambda r, k: f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-"  # noqa: E731
     at_k = sorted({k for _, r in res.values() for s in r.values() for k in s if k.startswith(("mean@", "pass@"))})
     lines = [f"# PRISM run report: `{run}`", "",
-             "Accuracy is greedy decoding scored by verify.py (mean@k / pass@k: over k responses sampled at T 1); W1 = Wasserstein-1 distance of the structure statistics "
-             "(bullet items per caption, reasoning steps per response) to the teacher demonstrations' distribution "
+             "Accuracy is greedy decoding scored by verify.py (mean@k / pass@k: over k responses sampled at T 1); W1 = "
+             "Wasserstein-1 distance of the structure statistics (bullet items per caption, reasoning steps per response) "
+             "to the teacher demonstrations' distribution "
              "(lower = closer to the supervision).", "",
              "| stage | acc (held-out) | acc (hard) | " + "".join(f"{k} ({s}) | " for k in at_k for s in ("held-out", "hard"))
              + "format-valid | mean length (tokens) | W1 caption items | W1 reasoning steps |", "|---" * (7 + 2 * len(at_k)) + "|"]

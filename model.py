@@ -10,6 +10,7 @@ Qwen3-VL-MoE + a score head). Generation lives in engine.py.
 
 import atexit
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -458,14 +459,20 @@ def use_stacked_vision_attention():
 use_stacked_vision_attention()
 
 
+@functools.cache
+def _varlen_params():
+    """torch's varlen_attn and the names of its parameters, read once (not in every layer's call)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def varlen_causal(q, k, v, cu, max_len, scale):
     """Causal attention within each segment of a packed row: q (T, H, D), k and v (T, Hkv, D), cu (n + 1,) int32 segment
     starts on the device. PyTorch's variable-length flash kernel (its signature changed between releases: causality as
     is_causal or as a window, scale and grouped-query heads absent from the first ones)."""
-    import inspect
-
-    from torch.nn.attention.varlen import varlen_attn
-    params = inspect.signature(varlen_attn).parameters
+    varlen_attn, params = _varlen_params()
     kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if q.shape[1] != k.shape[1]:  # grouped-query attention
         if "enable_gqa" in params:
@@ -501,13 +508,19 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out[None], None
 
 
-def use_packed_attention(model):
-    """Route a Qwen3-VL(-MoE) decoder's attention through packed_attention (the vision tower keeps SDPA); a model on
-    another attention implementation (flash-attn) is left as it is."""
+def _register_packed_attention():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register("prism", packed_attention)
     AttentionMaskInterface.register("prism", sdpa_mask)  # padded batches get SDPA's masks, as before
+
+
+_register_packed_attention()
+
+
+def use_packed_attention(model):
+    """Route a Qwen3-VL(-MoE) decoder's attention through packed_attention (the vision tower keeps SDPA); a model on
+    another attention implementation (flash-attn) is left as it is."""
     text = model.config.text_config
     if text._attn_implementation == "sdpa":
         text._attn_implementation = "prism"
