@@ -772,11 +772,13 @@ def upcycle(dense, num_experts=4, top_k=2, noise_std=0.01, seed=0):
         vision_start_token_id=dc.vision_start_token_id, vision_end_token_id=dc.vision_end_token_id,
         tie_word_embeddings=dc.tie_word_embeddings)
     cfg._attn_implementation = dc._attn_implementation
-    with no_init_weights():  # every tensor is overwritten below: skip the random init (minutes per rank at 2B+ on CPU)
+    dev = next(dense.parameters()).device  # a built-in config is initialised on the GPU: upcycle there too
+    with no_init_weights(), torch.device(dev):  # every tensor is overwritten below: skip the random init (minutes at 2B+)
         moe = Qwen3VLMoeForConditionalGeneration(cfg)
     moe.tie_weights()  # post_init's tying was skipped with the init
-    g = torch.Generator().manual_seed(seed)
-    noise = lambda t: t + noise_std * torch.randn(t.shape, generator=g) if noise_std > 0 else t  # noqa: E731
+    g = torch.Generator().manual_seed(seed)  # drawn on the host: the same experts and routers on every device
+    randn = lambda shape: torch.randn(shape, generator=g).to(dev)  # noqa: E731
+    noise = lambda t: t + noise_std * randn(t.shape) if noise_std > 0 else t  # noqa: E731
     src = {k: v.float() for k, v in dense.state_dict().items()}
     out = {}
     for k, v in moe.state_dict().items():
@@ -788,7 +790,7 @@ def upcycle(dense, num_experts=4, top_k=2, noise_std=0.01, seed=0):
             w = src[k.replace("experts.down_proj", "down_proj.weight")]
             out[k] = torch.stack([noise(w) for _ in range(num_experts)])
         elif ".mlp.gate.weight" in k:  # the router (E, H)
-            out[k] = 0.02 * torch.randn(v.shape, generator=g)
+            out[k] = 0.02 * randn(v.shape)
         else:
             out[k] = src[k]
     moe.load_state_dict(out)
@@ -934,9 +936,13 @@ def load_discriminator(spec, processor, device, experts=4, top_k=2, noise=0.01, 
     if spec.startswith(("upcycle:", "dense:")):
         dense = load_policy(spec.split(":", 1)[1], processor, device, seed=seed, trust_remote_code=trust_remote_code)
         trunk_model = upcycle(dense, experts, top_k, noise, seed) if spec.startswith("upcycle:") and experts > 1 else dense
-        torch.manual_seed(seed)
-        disc = Discriminator(trunk_model.config)
+        with no_init_weights(), torch.device(next(trunk_model.parameters()).device):  # the trunk is copied in below
+            disc = Discriminator(trunk_model.config)
         disc.model.load_state_dict(trunk_model.model.state_dict(), strict=True)
+        torch.manual_seed(seed)
+        nn.init.normal_(disc.score.weight, std=0.02)  # the fresh head (no init ran inside no_init_weights)
+        if disc.score.bias is not None:
+            nn.init.zeros_(disc.score.bias)
         disc.head_source = None
         return disc
     cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
