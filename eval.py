@@ -140,8 +140,8 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
                            for s in styles}
     res["examples"] = [{k: r[k] for k in ("where", "text", "acc")} for r in rows[:3]]
     # per prompt, for paired comparisons between stages (the same prompts in the same order): greedy acc, its length,
-    # and the sampled accuracies
-    res["per_prompt"] = [{k: r[k] for k in ("where", "acc", "len", "sample_acc", "kind", "caption_exact", "style")}
+    # the sampled accuracies, and the greedy response itself (a reader looks at what went wrong, prompt by prompt)
+    res["per_prompt"] = [{k: r[k] for k in ("where", "acc", "len", "sample_acc", "kind", "caption_exact", "style", "text")}
                        for r in rows]
     res["t_generate"] = time.time() - t0  # rendering, generation and scoring of this file (seconds)
     return res

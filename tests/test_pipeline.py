@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 
+import data
 from helpers import ENV, ROOT
 
 
@@ -50,6 +51,7 @@ def check_pipeline(env, run):
             mine = [p for p in pp if p["style"] == style]
             assert share == len(mine) / len(pp) and r["acc_by_style"][style] == sum(p["acc"] for p in mine) / len(mine)
         assert abs(sum(r["style_share"].values()) - 1) < 1e-12
+        assert all(p["style"] == data.response_style(p["text"]) for p in pp)  # the greedy response is kept with its row
     assert "| stage | caption exact (held-out) | caption exact (hard) | arith | attribute | choice | conj | count | pair |" in \
         open(os.path.join(run, "report.md")).read()
     # paired differences between stages: RL's gain over its start on the same prompts, with the interval around it
