@@ -138,7 +138,6 @@ def evaluate(infer, processor, examples, device, samples=0, temperature=1.0, max
     res["style_share"] = {s: sum(r["style"] == s for r in rows) / n for s in styles}
     res["acc_by_style"] = {s: sum(r["acc"] for r in rows if r["style"] == s) / sum(r["style"] == s for r in rows)
                            for s in styles}
-    res["examples"] = [{k: r[k] for k in ("where", "text", "acc")} for r in rows[:3]]
     # per prompt, for paired comparisons between stages (the same prompts in the same order): greedy acc, its length,
     # the sampled accuracies, and the greedy response itself (a reader looks at what went wrong, prompt by prompt)
     res["per_prompt"] = [{k: r[k] for k in ("where", "acc", "len", "sample_acc", "kind", "caption_exact", "style", "text")}
@@ -358,5 +357,5 @@ if __name__ == "__main__":
             json.dump({"model": args.model, "results": results}, f, indent=1)
         print(table({f"{args.model} / {k}": v for k, v in results.items()}))
         for k, v in results.items():
-            print(f"\n{k}, first response:\n{v['examples'][0]['text']}")
+            print(f"\n{k}, first response:\n{v['per_prompt'][0]['text']}")
     dist.destroy_process_group()

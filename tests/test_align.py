@@ -199,7 +199,6 @@ def test_upcycling_with_zero_noise_reproduces_the_dense_logits(world, processor,
     assert not torch.equal(e[0], e[1])
 
 
-
 def test_a_built_in_discriminator_is_upcycled_on_the_device_its_policy_was_built_on(processor):
     """load_policy builds a built-in config on the run's device (a GPU): the upcycled experts, routers and the
     discriminator are made there too (a GPU run once failed mixing them with host tensors). The meta device stands in for
@@ -208,6 +207,7 @@ def test_a_built_in_discriminator_is_upcycled_on_the_device_its_policy_was_built
     assert {p.device.type for p in disc.parameters()} == {"meta"}
     cpu = M.load_discriminator("upcycle:tiny", processor, torch.device("cpu"), experts=4, noise=0.01)
     assert cpu.score.weight.std() > 0.01 and torch.isfinite(torch.cat([p.flatten() for p in cpu.parameters()])).all()
+
 
 def test_released_layout_loads_and_scores_at_the_last_token(dist1, world, processor, dense, tmp_path):
     """A tiny MoE discriminator written by hand in the released layout (model.* + score.weight, architectures
