@@ -568,15 +568,18 @@ FAULTS = ("429", "500", "drop", "timeout", "malformed", "unformatted")  # the or
 SCENES = "scenes.jsonl"  # beside the world: {"sha256" of an image's PNG bytes, "objects"} per line
 
 
-def draw_scene(rng, grid, cell, n_objects):
-    """A white image of grid x grid cells (cell px each) with n_objects shapes in distinct cells.
-    Returns (PIL image, objects sorted row-major as (row, col, colour, shape), 1-based rows/cols)."""
+def sample_objects(rng, grid, n_objects):
+    """n_objects shapes in distinct cells of a grid x grid scene, sorted row-major as (row, col, colour, shape), 1-based."""
     cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], n_objects)
-    objs = sorted((r + 1, c + 1, rng.choice(list(COLOURS)), rng.choice(SHAPES)) for r, c in cells)
+    return sorted((r + 1, c + 1, rng.choice(list(COLOURS)), rng.choice(SHAPES)) for r, c in cells)
+
+
+def draw_scene(rng, objs, grid, cell):
+    """A white image of grid x grid cells (cell px each) holding the objects, each with a jitter of up to 2 px a side."""
     img = Image.new("RGB", (grid * cell, grid * cell), (250, 250, 250))
     d = ImageDraw.Draw(img)
     for r, c, colour, shape in objs:
-        m = cell // 8  # margin, plus a jitter of up to 2 px per side
+        m = cell // 8  # margin, plus the jitter
         x0, y0 = (c - 1) * cell + m + rng.randint(0, 2), (r - 1) * cell + m + rng.randint(0, 2)
         x1, y1 = c * cell - m - rng.randint(0, 2), r * cell - m - rng.randint(0, 2)
         fill = COLOURS[colour]
@@ -586,17 +589,36 @@ def draw_scene(rng, grid, cell, n_objects):
             d.rectangle([x0, y0, x1, y1], fill=fill)
         else:
             d.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    return img, objs
+    return img
 
 
 def describe(o):
     return f"row {o[0]}, column {o[1]}: {o[2]} {o[3]}"
 
 
-def make_question(rng, objs, hard=False):
-    """(question, type) about a scene. Types: count, attribute, choice (multiple choice), pair (two-part), arith; the hard
-    split adds conj, conjunction counts ("red circles"), a composition never seen in training. solve() answers it."""
-    kind = rng.choice(["count", "count", "attribute", "choice", "pair", "arith"] + (["conj", "conj"] if hard else []))
+# Question types, each as often as it is listed. The hard split adds conj, conjunction counts ("red circles"), a
+# composition never seen in training.
+KINDS = ("count", "count", "attribute", "choice", "pair", "arith")
+HARD_KINDS = KINDS + ("conj", "conj")
+
+
+def answer_support(kind, hard, max_objects):
+    """The answers a question type's examples are spread over evenly. Left to the scenes, 0 is by far the commonest
+    count and difference, and a policy that always gave the commonest answer of each type scored as well as every RL
+    run did in an earlier world; so make_synthetic draws the answer first, uniformly from this list, then scenes and
+    questions until solve() gives it."""
+    top = min(4 if hard else 3, max_objects)  # the largest count asked for (rare above: all objects alike)
+    return {"count": [str(n) for n in range(top + 1)],
+            "conj": [str(n) for n in range(top)],
+            "pair": [f"{a}, {b}" for a in range(max(top, 2)) for b in range(max(top, 2))],
+            "arith": [str(n) for n in range(1 - top, top + 1)],
+            "attribute": list(COLOURS) + list(SHAPES),
+            "choice": list(LETTERS[:len(COLOURS)])}[kind]
+
+
+def make_question(rng, objs, kind):
+    """A question of the given type (KINDS) about a scene: count, attribute, choice (multiple choice), pair (two-part),
+    arith or conj. solve() answers it."""
 
     def prop():  # a property to count: a colour or a shape
         return f"{rng.choice(list(COLOURS))} shapes" if rng.random() < 0.5 else PLURAL[rng.choice(SHAPES)]
@@ -620,7 +642,7 @@ def make_question(rng, objs, hard=False):
         n1, n2 = prop(), prop()
         return f"What is the number of {n1} {'plus' if rng.random() < 0.5 else 'minus'} the number of {n2}?"
 
-    return question(), kind
+    return question()
 
 
 def solve(question, objs):
@@ -772,14 +794,18 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
         for i in range(n):
             lo, hi = hard_objects if hard else (min_objects, max_objects)
             side, other = ("eval", "train") if name.startswith("eval") else ("train", "eval")
-            for _ in range(10000):  # a held-out (scene, question) pair is never in any training split, and vice versa
-                img, objs = draw_scene(rng, grid, cell, rng.randint(lo, hi))
-                q, kind = make_question(rng, objs, hard)
-                if (tuple(objs), q) not in seen[other]:
+            kind = rng.choice(HARD_KINDS if hard else KINDS)
+            target = rng.choice(answer_support(kind, hard, hi))
+            for _ in range(100000):  # the target answer, and a held-out (scene, question) pair in no training split
+                objs = sample_objects(rng, grid, rng.randint(lo, hi))
+                q = make_question(rng, objs, kind)
+                if solve(q, objs)[0] == target and (tuple(objs), q) not in seen[other]:
                     break
             else:
-                raise SystemExit(f"{name}: no (scene, question) pair left outside the {other} splits: the world is too "
-                                 f"small for these split sizes (grow --grid or --max-objects, or ask for fewer examples)")
+                raise SystemExit(f"{name}: no {kind} question with the answer {target} left outside the {other} splits: "
+                                 f"the world is too small for these split sizes (grow --grid or --max-objects, or ask for "
+                                 f"fewer examples)")
+            img = draw_scene(rng, objs, grid, cell)
             seen[side].add((tuple(objs), q))
             ans, lines, eq = solve(q, objs)
             cap, cot = high_fidelity(objs, lines)

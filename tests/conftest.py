@@ -12,8 +12,6 @@ SMALL_WORLD = dict(n_sft=48, n_align=8, n_rl=8, n_eval=8, n_hard=8, n_warmup=16)
 
 
 @pytest.fixture(scope="session")
-
-
 def world(tmp_path_factory):
     """A small synthetic world on disk: (directory, the generator's rows per split)."""
     import data
@@ -23,16 +21,12 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-
-
 def processor(world):
     from transformers import AutoProcessor
     return AutoProcessor.from_pretrained(os.path.join(world[0], "processor"))
 
 
 @pytest.fixture(scope="session")
-
-
 def tiny_dirs(world, tmp_path_factory):
     """(a random tiny policy HF dir, a 4-expert discriminator upcycled from it) written by `python model.py`."""
     from helpers import run
@@ -43,8 +37,6 @@ def tiny_dirs(world, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-
-
 def dist1():
     """A process group of one (gloo), for tests that call FSDP2-wrapped code in this process; the CPU device."""
     import torch.distributed as dist

@@ -173,8 +173,9 @@ def test_kill_9_and_resume_repeats_no_paid_call_and_writes_what_an_uninterrupted
 def test_the_difficulty_filter_keeps_what_the_policy_cannot_solve(world, tiny_dirs, tmp_path):
     """A scripted policy (tests/patched.py mixed: sample k answers str(k) for even k) solves exactly the problems whose
     gold is an even number below k: the pass rates, the kept set and its order follow from that alone. The SFT
-    records load as SFT data, and align.py's reader takes the parquet."""
-    pool = os.path.join(world[0], "rl.parquet")
+    records load as SFT data, and align.py's reader takes the parquet. (The small world's alignment split has golds
+    the script solves and golds it does not.)"""
+    pool = os.path.join(world[0], "align.parquet")
     exs = data.read_examples(pool, "prompt")[0]
     k = 4
     fake = lambda j: f"<caption>\n- x\n</caption>\n<think>\nx\n</think>\n<answer>{j}</answer>"  # noqa: E731

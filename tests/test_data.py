@@ -122,6 +122,26 @@ def test_held_out_pairs_are_never_in_training_and_solve_gives_the_ground_truth(t
     assert not set(pairs["eval"]) & train and len(pairs["eval"]) == 64
 
 
+def test_answers_are_spread_evenly_over_each_question_types_support(tmp_path):
+    """No answer is a shortcut: per split and question type, every answer is in answer_support's list and each of its
+    values is about as common as the others (within 4 binomial standard errors of 1/len). Left to the scenes, "0" was
+    half of all counts and a policy answering it scored like every RL run of an earlier world."""
+    import collections
+    out = str(tmp_path / "w")
+    data.make_synthetic(out, seed=2, n_sft=8, n_align=8, n_rl=1200, n_eval=8, n_hard=800, n_warmup=8)
+    for name, hard, hi in (("rl", False, 4), ("eval_hard", True, 7)):
+        by = collections.defaultdict(list)
+        for r in pq.read_table(os.path.join(out, f"{name}.parquet"), columns=["extra_info"]).to_pylist():
+            by[r["extra_info"]["kind"]].append(r["extra_info"]["answer"])
+        assert set(by) == set(data.HARD_KINDS if hard else data.KINDS)
+        for kind, answers in by.items():
+            support, n = data.answer_support(kind, hard, hi), len(answers)
+            p = 1 / len(support)
+            assert set(answers) <= set(support), (name, kind)
+            for a in support:
+                assert abs(answers.count(a) / n - p) <= 4 * (p * (1 - p) / n) ** 0.5, (name, kind, a, answers.count(a), n)
+
+
 def test_hard_split_has_more_objects(world):
     n = [r["extra_info"]["n_objects"] for r in world[1]["eval"]]
     h = [r["extra_info"]["n_objects"] for r in world[1]["eval_hard"]]
