@@ -29,10 +29,15 @@ def test_grad_accumulation_equals_one_big_batch(world, tmp_path):
 
 
 def test_packed_micro_batches_equal_padded_ones(world, tmp_path):
-    """sft.py --pack (each micro-batch's examples in one row) trains as the padded batches do: loss, grad norm, weights."""
-    plain, packed = str(tmp_path / "plain"), str(tmp_path / "packed")
+    """sft.py --pack (each micro-batch's examples in one row) trains as the padded batches do: loss, grad norm, weights.
+    Steps prepared by DataLoader worker processes (the GPU default) are the ones the main process prepares, bit for bit."""
+    plain, packed, workers = str(tmp_path / "plain"), str(tmp_path / "packed"), str(tmp_path / "workers")
     run("sft.py", *sft_args(world, plain, steps=2))
     run("sft.py", *sft_args(world, packed, steps=2), "--pack")
+    run("sft.py", *sft_args(world, workers, steps=2), "--workers", 2)
+    assert [{k: v for k, v in m.items() if k not in ("tok_s", "dt")} for m in metrics(workers)] == \
+        [{k: v for k, v in m.items() if k not in ("tok_s", "dt")} for m in metrics(plain)]
+    assert_same_params(checkpoint_params(last_checkpoint(plain)), checkpoint_params(last_checkpoint(workers)), atol=0)
     for a, b in zip(metrics(plain), metrics(packed)):
         for k in ("loss", "grad_norm", "val_loss"):
             if k in a:
