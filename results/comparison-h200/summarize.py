@@ -127,6 +127,28 @@ def main(out_dir, paths):
             share = np.mean([e.get("style_share", {}).get("teacher", float("nan")) for e in evs])
             lines.append(f"| {label} | {m('w1_caption_items'):.3f} | {m('w1_reasoning_steps'):.3f} | {share:.3f} | "
                          f"{m('caption_exact'):.3f} |")
+    # per question type: accuracy, and how often the stage gives its commonest answer of that type (a policy that
+    # answers one value whatever the scene shows has a high share and an accuracy near 1 / the type's answer count)
+    evs = {stage: [seeds[s][stage]["eval"]["eval"]["per_prompt"] for s in seeds if "eval" in seeds[s].get(stage, {})]
+           for stage, _ in STAGES + list(ABLATIONS.items())}
+    kinds_seen = sorted({p["kind"] for rows in evs.values() for r in rows for p in r if "text" in p})
+    if kinds_seen:
+        lines += ["", "Per question type (held-out, greedy), mean over seeds: accuracy / share of the stage's commonest "
+                  "answer of that type.", "", "| stage | " + " | ".join(kinds_seen) + " |", "|---" * (1 + len(kinds_seen)) + "|"]
+        for stage, label in STAGES + list(ABLATIONS.items()):
+            cells = []
+            for k in kinds_seen:
+                per_seed = []
+                for rows in evs[stage]:
+                    ps = [p for p in rows if p["kind"] == k and "text" in p]
+                    answers = [(re.findall(r"<answer>(.*?)</answer>", p["text"], re.DOTALL) or [None])[-1] for p in ps]
+                    if ps:
+                        per_seed.append((np.mean([p["acc"] for p in ps]),
+                                         max(answers.count(a) for a in set(answers)) / len(answers)))
+                cells.append(f"{np.mean([a for a, _ in per_seed]):.2f} / {np.mean([c for _, c in per_seed]):.2f}"
+                             if per_seed else "-")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "![curves](curves.png)"]
     os.makedirs(out_dir, exist_ok=True)
     open(os.path.join(out_dir, "summary.md"), "w").write("\n".join(lines) + "\n")
