@@ -799,7 +799,8 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
             for _ in range(100000):  # the target answer, and a held-out (scene, question) pair in no training split
                 objs = sample_objects(rng, grid, rng.randint(lo, hi))
                 q = make_question(rng, objs, kind)
-                if solve(q, objs)[0] == target and (tuple(objs), q) not in seen[other]:
+                ans, lines, eq = solve(q, objs)
+                if ans == target and (tuple(objs), q) not in seen[other]:
                     break
             else:
                 raise SystemExit(f"{name}: no {kind} question with the answer {target} left outside the {other} splits: "
@@ -807,7 +808,6 @@ def make_synthetic(out, seed=0, n_sft=4000, n_align=256, n_rl=512, n_eval=200, n
                                  f"fewer examples)")
             img = draw_scene(rng, objs, grid, cell)
             seen[side].add((tuple(objs), q))
-            ans, lines, eq = solve(q, objs)
             cap, cot = high_fidelity(objs, lines)
             rel, png = f"images/{name}_{i:06d}.png", png_bytes(img)
             scenes.append({"sha256": hashlib.sha256(png).hexdigest(), "objects": objs})

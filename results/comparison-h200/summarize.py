@@ -15,6 +15,9 @@ import tarfile
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from verify import extract_answer  # noqa: E402
+
 ALGOS = ("grpo", "dapo", "gspo")
 STAGES = [("sft", "SFT"), ("align", "SFT + align")] + [(f"{a}-rl-{x}", f"{'SFT' if a == 'sft' else 'SFT + align'} + "
                                                         f"{x.upper()}") for x in ALGOS for a in ("sft", "align")]
@@ -129,9 +132,9 @@ def main(out_dir, paths):
                          f"{m('caption_exact'):.3f} |")
     # per question type: accuracy, and how often the stage gives its commonest answer of that type (a policy that
     # answers one value whatever the scene shows has a high share and an accuracy near 1 / the type's answer count)
-    evs = {stage: [seeds[s][stage]["eval"]["eval"]["per_prompt"] for s in seeds if "eval" in seeds[s].get(stage, {})]
+    per_stage = {stage: [seeds[s][stage]["eval"]["eval"]["per_prompt"] for s in seeds if "eval" in seeds[s].get(stage, {})]
            for stage, _ in STAGES + list(ABLATIONS.items())}
-    kinds_seen = sorted({p["kind"] for rows in evs.values() for r in rows for p in r if "text" in p})
+    kinds_seen = sorted({p["kind"] for rows in per_stage.values() for r in rows for p in r if "text" in p})
     if kinds_seen:
         lines += ["", "Per question type (held-out, greedy), mean over seeds: accuracy / share of the stage's commonest "
                   "answer of that type.", "", "| stage | " + " | ".join(kinds_seen) + " |", "|---" * (1 + len(kinds_seen)) + "|"]
@@ -139,9 +142,9 @@ def main(out_dir, paths):
             cells = []
             for k in kinds_seen:
                 per_seed = []
-                for rows in evs[stage]:
+                for rows in per_stage[stage]:
                     ps = [p for p in rows if p["kind"] == k and "text" in p]
-                    answers = [(re.findall(r"<answer>(.*?)</answer>", p["text"], re.DOTALL) or [None])[-1] for p in ps]
+                    answers = [extract_answer(p["text"]) for p in ps]
                     if ps:
                         per_seed.append((np.mean([p["acc"] for p in ps]),
                                          max(answers.count(a) for a in set(answers)) / len(answers)))
